@@ -1,0 +1,64 @@
+"""The embedded default: CRBG on scikit-learn's bundled 8x8 digits, a 64-256-256-10 MLP.
+
+    python run.py
+"""
+import ml_collections
+
+from slt_jax.masking import DEFAULT_POLICY
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "digits_mlp"
+    c.method = "crbg"
+    c.dataset = "digits"
+    c.sparsity = 0.8  # target fraction of gated weights removed
+    c.batch_size = 64
+    c.num_steps = 0  # 0: use num_epochs
+    c.num_epochs = 60
+    c.seed = 0
+
+    c.learning_rate = 0.05
+    c.lr_schedule = "constant"
+    c.label_smoothing = 0.0
+
+    # The random network.
+    c.weight_init = "signed_kaiming"
+    c.init_scale = ml_collections.config_dict.placeholder(float)  # only for weight_init="uniform"
+    c.use_bias = False
+    c.width = 1.0
+
+    # Which leaves carry gates, and one gate per weight or per output unit.
+    c.gate_policy = DEFAULT_POLICY
+    c.structured = False
+
+    c.crbg = ml_collections.ConfigDict()
+    c.crbg.family = "gaussian"
+    c.crbg.lambda_mode = "dual"
+    c.crbg.lam = 0.0
+    c.crbg.dual_lr = 0.05
+    c.crbg.temp_start = 0.5
+    c.crbg.temp_end = 0.1
+    c.crbg.decision_weight = 1.0
+
+    c.edgepopup = ml_collections.ConfigDict()
+    c.edgepopup.scope = "layer"
+    c.edgepopup.momentum = 0.9
+    c.edgepopup.weight_decay = 1e-4
+
+    # Data.
+    c.val_fraction = 0.1
+    c.split_seed = 0
+    c.num_classes = 10  # for synthetic data; other datasets read it from their labels
+    c.synthetic_shape = (28, 28, 1)
+
+    # Bookkeeping (may change between a run and its resumption).
+    c.log_every = 20
+    c.eval_every = 200
+    c.checkpoint_every = 500
+    c.eval_batch_size = 1000
+    c.num_devices = 0  # 0: every device JAX sees
+    c.progress = True
+    c.plots = True
+    c.distributed = False
+    return c

@@ -1,0 +1,45 @@
+"""The command line's contract: the summary as the last stdout line, one-line errors, exit codes.
+
+Exit 0 on success or after a SIGTERM checkpoint (preemption: re-run to resume); exit 2 for bad
+input (config, data, workdir); exit 3 when training diverged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import ml_collections
+
+from slt_jax.checkpoint import CheckpointMismatch
+from slt_jax.data import DataError
+from slt_jax.train import ConfigError, Preempted, TrainingDiverged, default_workdir, train_and_evaluate
+
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | None) -> int:
+    """Runs one job; returns the process exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if config.get("distributed"):
+        import jax
+
+        jax.distributed.initialize()  # coordinator and process ids from the cluster environment
+    workdir = workdir or default_workdir(config)
+    try:
+        summary: dict[str, Any] = train_and_evaluate(config, workdir)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return 0
+    except TrainingDiverged as e:
+        return _fail(str(e), EXIT_DIVERGED)
+    except (ConfigError, DataError, CheckpointMismatch, ValueError, FileNotFoundError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,174 @@
+"""Gate families: stochastic relaxations of a binary keep/drop decision per gate.
+
+Every family is the same four pure functions over a gate-parameter array ``p``:
+
+* ``sample(key, p, temp)``: a differentiable training sample ``z`` in [0, 1]; gradients reach ``p``
+  by reparameterisation, never by a straight-through estimator.
+* ``prob_open(p, temp)``: P(z > 0), the expected L0 norm contribution of one gate.
+* ``test_gate(p)``: the deterministic gate in [0, 1] once noise is dropped.
+* the binary rule, shared by all families: keep a weight iff ``test_gate(p) > 0.5``.
+
+Families
+--------
+``gaussian`` (Yamada et al. 2020, the paper's gate; ``temp`` is sigma)::
+
+    z = clip(mu + sigma * eps, 0, 1),  eps ~ N(0, 1)
+    P(z > 0) = Phi(mu / sigma),        test gate = clip(mu, 0, 1)
+
+``hard_concrete`` (Louizos et al. 2018; ``temp`` is beta, gamma = -0.1, zeta = 1.1)::
+
+    s = sigmoid((log u - log(1 - u) + log_alpha) / beta),  u ~ U(0, 1)
+    z = clip(s * (zeta - gamma) + gamma, 0, 1)
+    P(z > 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))
+    test gate = clip(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)
+
+``concrete`` (binary Concrete, Maddison et al. / Jang et al. 2017; ``temp`` is tau)::
+
+    z = sigmoid((l + log u - log(1 - u)) / tau)
+    z is never exactly 0, so the penalty is P(z > 1/2) = sigmoid(l), for every tau
+    test gate = sigmoid(l)
+
+The penalty the methods use is the *mean* of ``prob_open`` over gates (the expected density),
+so its scale does not depend on the network's size.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import ndtr
+
+Array = jax.Array
+GateTree = dict[str, Array]
+
+HC_GAMMA, HC_ZETA = -0.1, 1.1
+BINARY_THRESHOLD = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class GateFamily:
+    """The four functions that define a gate family (see the module docstring)."""
+
+    name: str
+    init: Callable[[Array, tuple[int, ...]], Array]
+    sample: Callable[[Array, Array, float], Array]
+    prob_open: Callable[[Array, float], Array]
+    test_gate: Callable[[Array], Array]
+
+
+def _uniform(key: Array, shape: tuple[int, ...], dtype) -> Array:
+    # Keep u away from 0 and 1 so log u and log(1 - u) stay finite.
+    return jax.random.uniform(key, shape, dtype, minval=1e-6, maxval=1.0 - 1e-6)
+
+
+def _gaussian() -> GateFamily:
+    return GateFamily(
+        name="gaussian",
+        # The STG reference: gates start at mean 0.5 with a little symmetry-breaking noise.
+        init=lambda key, shape: 0.5 + 0.01 * jax.random.normal(key, shape),
+        sample=lambda key, mu, sigma: jnp.clip(mu + sigma * jax.random.normal(key, mu.shape, mu.dtype), 0.0, 1.0),
+        prob_open=lambda mu, sigma: ndtr(mu / sigma),
+        test_gate=lambda mu: jnp.clip(mu, 0.0, 1.0),
+    )
+
+
+def _hard_concrete() -> GateFamily:
+    def sample(key, log_alpha, beta):
+        u = _uniform(key, log_alpha.shape, log_alpha.dtype)
+        s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + log_alpha) / beta)
+        return jnp.clip(s * (HC_ZETA - HC_GAMMA) + HC_GAMMA, 0.0, 1.0)
+
+    return GateFamily(
+        name="hard_concrete",
+        # log_alpha ~ N(0, 0.01), as Louizos et al.; test gate starts at 0.5.
+        init=lambda key, shape: 0.01 * jax.random.normal(key, shape),
+        sample=sample,
+        prob_open=lambda log_alpha, beta: jax.nn.sigmoid(log_alpha - beta * jnp.log(-HC_GAMMA / HC_ZETA)),
+        test_gate=lambda log_alpha: jnp.clip(jax.nn.sigmoid(log_alpha) * (HC_ZETA - HC_GAMMA) + HC_GAMMA, 0.0, 1.0),
+    )
+
+
+def _concrete() -> GateFamily:
+    def sample(key, logits, tau):
+        u = _uniform(key, logits.shape, logits.dtype)
+        return jax.nn.sigmoid((logits + jnp.log(u) - jnp.log1p(-u)) / tau)
+
+    return GateFamily(
+        name="concrete",
+        init=lambda key, shape: 0.01 * jax.random.normal(key, shape),
+        sample=sample,
+        prob_open=lambda logits, tau: jax.nn.sigmoid(logits),
+        test_gate=jax.nn.sigmoid,
+    )
+
+
+FAMILIES: dict[str, GateFamily] = {f.name: f for f in (_gaussian(), _hard_concrete(), _concrete())}
+
+
+def get_family(name: str) -> GateFamily:
+    """Returns the gate family called ``name``; raises ValueError naming the allowed ones."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown gate family {name!r}; allowed: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def _leaf_keys(key: Array, tree: GateTree) -> dict[str, Array]:
+    # One independent stream per gate leaf, chosen by the leaf's name so that adding or removing
+    # another leaf never changes this one's noise.
+    return {name: jax.random.fold_in(key, _stable_hash(name)) for name in tree}
+
+
+def _stable_hash(name: str) -> int:
+    h = 2166136261
+    for byte in name.encode():
+        h = ((h ^ byte) * 16777619) & 0x7FFFFFFF
+    return h
+
+
+def init_gates(key: Array, shapes: dict[str, tuple[int, ...]], family: str = "gaussian") -> GateTree:
+    """Initial gate parameters, one array per gated leaf, each of the given shape."""
+    fam = get_family(family)
+    keys = _leaf_keys(key, shapes)
+    return {name: fam.init(keys[name], tuple(shape)) for name, shape in shapes.items()}
+
+
+def sample_gates(key: Array, logits: GateTree, temp: float | Array, family: str = "gaussian") -> GateTree:
+    """Draws one training sample z per gate (pure; the same key gives the same sample)."""
+    fam = get_family(family)
+    keys = _leaf_keys(key, logits)
+    return {name: fam.sample(keys[name], p, temp) for name, p in logits.items()}
+
+
+def expected_density(logits: GateTree, temp: float | Array, family: str = "gaussian") -> Array:
+    """Mean of P(z > 0) over every gate: the expected L0 norm divided by the number of gates."""
+    fam = get_family(family)
+    total = sum(jnp.sum(fam.prob_open(p, temp)) for p in logits.values())
+    return total / gate_count(logits)
+
+
+def deterministic_gates(logits: GateTree, family: str = "gaussian") -> GateTree:
+    """The deterministic gates in [0, 1] with the noise dropped."""
+    fam = get_family(family)
+    return {name: fam.test_gate(p) for name, p in logits.items()}
+
+
+def binary_mask(logits: GateTree, family: str = "gaussian") -> GateTree:
+    """The ticket's rule: keep a weight iff its test gate exceeds 1/2 (bool arrays)."""
+    return {name: g > BINARY_THRESHOLD for name, g in deterministic_gates(logits, family).items()}
+
+
+def indecision(logits: GateTree, family: str = "gaussian") -> Array:
+    """Mean of g (1 - g) over test gates g: zero iff every gate is exactly 0 or 1.
+
+    Penalising it drives gates to the two extremes, so the binary ticket and the network
+    trained with soft gates compute the same function.
+    """
+    gates = deterministic_gates(logits, family)
+    return sum(jnp.sum(g * (1.0 - g)) for g in gates.values()) / gate_count(logits)
+
+
+def gate_count(tree: GateTree) -> int:
+    """Number of gates (scalars) in a gate tree."""
+    return sum(int(p.size) for p in tree.values())

@@ -1,0 +1,113 @@
+"""Parameter-level gating: which leaves of a Flax parameter tree are gated, and how masks apply.
+
+A *gate tree* is a flat dict ``{"Dense_0/kernel": array, ...}`` keyed by the '/'-joined path of
+each gated parameter leaf. Gate arrays broadcast against their leaf:
+
+* unstructured: one gate per weight, shape == leaf shape;
+* structured: one gate per output unit / channel, shape (1, ..., 1, out). The unit's bias, when
+  the module has one, is multiplied by the same gate, so a closed gate removes the whole unit.
+
+Models never see gates: ``apply_masks(params, masks)`` returns an ordinary parameter tree that
+goes straight into ``model.apply``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Params = Any  # a nested dict of arrays, as Flax makes them
+GateTree = dict[str, Array]
+
+DEFAULT_POLICY = r"(^|/)kernel$"
+
+
+def path_name(path: tuple) -> str:
+    """'/'-joined key names of a tree path, e.g. ('Dense_0', 'kernel') -> 'Dense_0/kernel'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def named_leaves(params: Params) -> dict[str, Array]:
+    """Every leaf of ``params`` keyed by its path name, in tree order."""
+    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool = False) -> dict[str, tuple[int, ...]]:
+    """Shapes of the gate arrays for the leaves whose path name matches the regex ``policy``.
+
+    The default policy gates every kernel (Dense, Conv, attention), first and last layer included.
+    Structured gates have shape (1, ..., 1, out): one per output unit or channel.
+    """
+    pattern = re.compile(policy)
+    shapes = {}
+    for name, leaf in named_leaves(params).items():
+        if pattern.search(name) and np.ndim(leaf) >= 1:
+            shape = tuple(np.shape(leaf))
+            shapes[name] = (1,) * (len(shape) - 1) + shape[-1:] if structured else shape
+    if not shapes:
+        raise ValueError(f"gate policy {policy!r} matches no parameter; parameters are: {', '.join(named_leaves(params))}")
+    return shapes
+
+
+def _bias_partner(name: str, masks: GateTree, leaves: dict[str, Array]) -> Array | None:
+    """The structured gate of the kernel beside bias ``name``, reshaped to the bias, if any."""
+    if not name.endswith("bias") or name in masks:
+        return None
+    kernel = name[: -len("bias")] + "kernel"
+    gate = masks.get(kernel)
+    if gate is None or gate.size != leaves[name].size or gate.size == leaves[kernel].size:
+        return None
+    return gate.reshape(leaves[name].shape)
+
+
+def full_masks(params: Params, masks: GateTree) -> dict[str, Array | None]:
+    """Every leaf's mask by path name: its gate, its kernel's structured gate (biases), or None."""
+    leaves = named_leaves(params)
+    return {name: masks[name] if name in masks else _bias_partner(name, masks, leaves) for name in leaves}
+
+
+def apply_masks(params: Params, masks: GateTree) -> Params:
+    """``params`` with every gated leaf multiplied by its mask (soft gates or a binary ticket).
+
+    With a bool mask this is exactly ``where(mask, w, 0)``: kept weights are bit-identical to the
+    frozen ones, never rescaled.
+    """
+    per_leaf = full_masks(params, masks)
+
+    def gate(path, w):
+        m = per_leaf[path_name(path)]
+        if m is None:
+            return w
+        if m.dtype == jnp.bool_:
+            return jnp.where(m, w, jnp.zeros((), w.dtype))
+        return w * m.astype(w.dtype)
+
+    return jax.tree_util.tree_map_with_path(gate, params)
+
+
+def mask_tree(params: Params, masks: GateTree) -> Params:
+    """The params-shaped tree of masks: a bool array per gated leaf (biases of structured units
+    included), None for leaves that are not gated."""
+    per_leaf = full_masks(params, masks)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, w: None if per_leaf[path_name(path)] is None else np.asarray(per_leaf[path_name(path)], bool),
+        params,
+    )
+
+
+def sparsity_report(params: Params, binary: GateTree) -> dict[str, Any]:
+    """Fraction of gated weights that are zero in a binary ticket, in total and per gated leaf."""
+    leaves = named_leaves(params)
+    layers, kept_total, size_total = {}, 0, 0
+    for name, m in full_masks(params, binary).items():
+        if m is None:
+            continue
+        size = int(np.size(leaves[name]))
+        kept = int(np.sum(np.broadcast_to(np.asarray(m), np.shape(leaves[name]))))
+        layers[name] = 1.0 - kept / size
+        kept_total, size_total = kept_total + kept, size_total + size
+    return {"sparsity": 1.0 - kept_total / size_total, "gated_weights": size_total, "layers": layers}

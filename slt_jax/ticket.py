@@ -1,0 +1,140 @@
+"""The product of a run: a strong lottery ticket, stored as seed + bit-packed binary mask.
+
+A ticket directory holds
+
+* ``ticket.json``: model spec, input shape, weight-init seed, gating (policy, structured),
+  input preprocessing, the method and the metrics measured on it, and its size in bits;
+* ``mask.npz``: for each gated leaf, its binary gate (one bit per gate) packed with
+  ``np.packbits``, keyed by the leaf's path name, plus its shape;
+* ``state.npz``, only for models with running statistics (BatchNorm): those statistics.
+
+No float weights are stored: ``frozen_params()`` regenerates them from the seed, bit-exact, and
+``masked_params()`` is exactly ``where(mask, frozen, 0)`` on gated leaves. This module needs the
+models and ``slt_jax.masking`` only, so a ticket loads without the training stack.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slt_jax import masking
+from slt_jax.data.arrays import preprocess
+from slt_jax.models import create_model
+
+FORMAT_VERSION = 1
+
+
+def init_variables(model_spec: dict[str, Any], input_shape: tuple[int, ...], seed: int) -> dict[str, Any]:
+    """The model's initial variables from the seed: the frozen weights of every ticket."""
+    model = create_model(model_spec)
+    dummy = jnp.zeros((1, *input_shape), jnp.float32)
+    return jax.device_get(model.init(jax.random.PRNGKey(seed), dummy, train=False))
+
+
+def pack_masks(masks: dict[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, m in masks.items():
+        m = np.asarray(m, bool)
+        out[f"{name}::bits"] = np.packbits(m.ravel())
+        out[f"{name}::shape"] = np.asarray(m.shape, np.int64)
+    return out
+
+
+def unpack_masks(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [k[: -len("::bits")] for k in arrays if k.endswith("::bits")]
+    out = {}
+    for name in names:
+        shape = tuple(int(s) for s in arrays[f"{name}::shape"])
+        out[name] = np.unpackbits(arrays[f"{name}::bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
+    return out
+
+
+def save_ticket(path: str, meta: dict[str, Any], masks: dict[str, Any], model_state: dict[str, Any] | None = None) -> None:
+    """Writes a ticket directory atomically: a crash mid-write leaves any previous ticket intact."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".ticket-tmp-", dir=parent)
+    np.savez(os.path.join(tmp, "mask.npz"), **pack_masks(masks))
+    if model_state:
+        flat = masking.named_leaves(model_state)
+        np.savez(os.path.join(tmp, "state.npz"), **{k: np.asarray(v) for k, v in flat.items()})
+    with open(os.path.join(tmp, "ticket.json"), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, **meta}, f, indent=2, sort_keys=True)
+    old = path + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _unflatten_like(template: Any, flat: dict[str, np.ndarray]) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda p, _: flat[masking.path_name(p)], template)
+
+
+class Ticket:
+    """A loaded ticket. ``mask`` is params-shaped: a bool array broadcastable to each gated leaf,
+    None for leaves that are not gated."""
+
+    def __init__(self, meta: dict[str, Any], gate_masks: dict[str, np.ndarray], state: dict[str, np.ndarray] | None):
+        self.meta = meta
+        self.gate_masks = gate_masks
+        self._flat_state = state
+
+    @functools.cached_property
+    def _variables(self) -> dict[str, Any]:
+        return init_variables(self.meta["model"], tuple(self.meta["input_shape"]), self.meta["seed"])
+
+    def frozen_params(self) -> Any:
+        """The network's initial weights, regenerated from the seed."""
+        return self._variables["params"]
+
+    @functools.cached_property
+    def mask(self) -> Any:
+        return masking.mask_tree(self.frozen_params(), self.gate_masks)
+
+    def masked_params(self) -> Any:
+        """``where(mask, frozen, 0)`` on gated leaves; frozen values elsewhere."""
+        return jax.device_get(masking.apply_masks(self.frozen_params(), self.gate_masks))
+
+    def model_state(self) -> dict[str, Any]:
+        """Non-parameter collections (BatchNorm running statistics), from the ticket if stored."""
+        state = {k: v for k, v in self._variables.items() if k != "params"}
+        if self._flat_state is not None:
+            state = _unflatten_like(state, self._flat_state)
+        return state
+
+    @functools.cached_property
+    def _apply(self):
+        model = create_model(self.meta["model"])
+        variables = {"params": self.masked_params(), **self.model_state()}
+        return jax.jit(lambda x: jnp.argmax(model.apply(variables, x, train=False), -1))
+
+    def predict(self, images: Any) -> np.ndarray:
+        """Class ids for raw images as the dataset stores them (e.g. uint8 28x28)."""
+        return np.asarray(self._apply(preprocess(np.asarray(images), self.meta["preprocessing"])))
+
+
+def load_ticket(path: str) -> Ticket:
+    """Loads a ticket directory written by ``save_ticket`` (any run's ``WORKDIR/ticket``)."""
+    meta_path = os.path.join(path, "ticket.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{path!r} is not a ticket directory: it has no ticket.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"ticket format_version {meta.get('format_version')!r}; this slt_jax reads {FORMAT_VERSION}")
+    with np.load(os.path.join(path, "mask.npz")) as f:
+        masks = unpack_masks({k: f[k] for k in f.files})
+    state = None
+    if os.path.exists(os.path.join(path, "state.npz")):
+        with np.load(os.path.join(path, "state.npz")) as f:
+            state = {k: f[k] for k in f.files}
+    return Ticket(meta, masks, state)
