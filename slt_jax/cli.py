@@ -39,7 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> int:
         return 0
     except TrainingDiverged as e:
         return _fail(str(e), EXIT_DIVERGED)
-    except (ConfigError, DataError, CheckpointMismatch, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointMismatch) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     print(json.dumps(summary))
     return 0

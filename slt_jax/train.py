@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from slt_jax import masking, sharding
 from slt_jax.checkpoint import Checkpointer, PreemptionFlag
-from slt_jax.data import load_dataset
+from slt_jax.data import DataError, load_dataset
 from slt_jax.gates import gate_count
 from slt_jax.methods import create_method
 from slt_jax.models import create_model
@@ -86,14 +86,14 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> ja
 
 
 def make_train_step(model, method, optimizer: optax.GradientTransformation, label_smoothing: float = 0.0) -> Callable:
-    """The jitted step ``(state, frozen, x, y, base_key) -> (state, metrics)``.
+    """The jitted step ``(state, frozen, x, y) -> (state, metrics)``.
 
     Only ``state["gates"]`` is differentiated and updated; ``frozen`` is an input, never an output.
     """
 
-    def step_fn(state, frozen, x, y, base_key):
+    def step_fn(state, frozen, x, y):
         step = state["step"]
-        key = jax.random.fold_in(base_key, step)  # the same key on every device: one mask per step
+        key = jax.random.fold_in(state["rng"], step)  # replicated: every device draws the same mask
         model_state = state["model_state"]
 
         def loss_fn(gates):
@@ -117,6 +117,7 @@ def make_train_step(model, method, optimizer: optax.GradientTransformation, labe
             "method_state": method.update_state(state["method_state"], aux),
             "model_state": new_model_state,
             "finite": state["finite"] & jnp.isfinite(loss),
+            "rng": state["rng"],
         }
         return new_state, {"loss": loss, "cross_entropy": ce, "train_accuracy": acc, **aux}
 
@@ -152,6 +153,14 @@ class Run:
     """State and pieces of one training run; ``train_and_evaluate`` drives it."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        try:
+            self._build(config, workdir)
+        except DataError:
+            raise
+        except ValueError as e:  # the library's own checks (unknown model, method, family, ...)
+            raise ConfigError(str(e)) from None
+
+    def _build(self, config: ml_collections.ConfigDict, workdir: str) -> None:
         validate_config(config)
         self.config = config
         self.workdir = workdir
@@ -178,7 +187,7 @@ class Run:
         gates = self.method.init(jax.random.fold_in(self.base_key, 1), self.shapes)
         return {"step": jnp.int32(0), "gates": gates, "opt_state": self.optimizer.init(gates),
                 "method_state": self.method.init_state(), "model_state": self.initial_model_state,
-                "finite": jnp.bool_(True), "rng": jax.random.key_data(self.base_key)}
+                "finite": jnp.bool_(True), "rng": jnp.array(self.base_key)}  # a copy: the step donates it
 
     def evaluate(self, state: dict[str, Any], splits: tuple[str, ...] = ("val",)) -> dict[str, Any]:
         """Binary-ticket accuracy per split, sparsity, and the stochastic network's accuracy."""
@@ -288,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for step in range(start, run.num_steps):
                 x, y = run.dataset.train_batch(config.seed, step, config.batch_size)
                 xs, ys = sharding.shard_batch((x, y), run.mesh)
-                state, metrics = train_step(state, run.frozen, xs, ys, run.base_key)
+                state, metrics = train_step(state, run.frozen, xs, ys)
                 done = step + 1
                 if done % config.log_every == 0 or done == run.num_steps:
                     m = _to_float(metrics)
