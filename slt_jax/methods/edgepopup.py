@@ -95,8 +95,9 @@ class EdgePopup:
     def train_masks(self, gates: GateTree, key: Array, step: Array) -> GateTree:
         del key, step  # deterministic: the mask is recomputed from the scores every forward pass
         hard = top_k_masks(gates, 1.0 - self.sparsity, self.scope)
-        # Straight-through: the value is the hard mask, the gradient flows to |s| unchanged.
-        return {n: hard[n].astype(s.dtype) + jnp.abs(s) - jax.lax.stop_gradient(jnp.abs(s))
+        # Straight-through: the value is the hard mask, the gradient flows to |s| unchanged. The
+        # bracket makes the added term exactly 0; (hard + |s|) - |s| can round 1 to 0.99999994.
+        return {n: hard[n].astype(s.dtype) + (jnp.abs(s) - jax.lax.stop_gradient(jnp.abs(s)))
                 for n, s in gates.items()}
 
     def penalty(self, gates: GateTree, state: dict[str, Array], step: Array) -> tuple[Array, dict[str, Array]]:
