@@ -3,24 +3,57 @@
     python run.py                                       # CRBG on the embedded digits
     python run.py --config configs/X.py --workdir DIR --config.sparsity=0.9
 """
+import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "ml_collections config file.",
-                                          lock_config=True)
+from slt_jax import cli
+
+
+def _bad_flags(message: str) -> None:
+    """absl and ml_collections report bad flags with tracebacks; the CLI promises one line."""
+    sys.exit(cli.fail(message, cli.EXIT_BAD_INPUT))
+
+
+def _define_config_flag():
+    try:
+        return config_flags.DEFINE_config_file("config", "configs/default.py", "ml_collections config file.",
+                                               lock_config=True)
+    except (AttributeError, KeyError) as e:  # ml_collections resolves every --config.KEY when the flag is defined
+        message = e.args[0].args[0] if isinstance(e.args[0], KeyError) else str(e.args[0])
+        key, *hint = message.split("\n")  # "'KEY'", then maybe 'Did you mean ...'
+        names = [a.split("=", 1)[0] for a in sys.argv[1:]]
+        flag = next((n for n in names if n.endswith("." + key.strip("'"))), key)
+        _bad_flags(f"unknown config key {flag}{'; ' + ' '.join(hint) if hint else ''}; "
+                   "allowed: the keys the config file defines (configs/default.py lists them)")
+    except flags.Error as e:
+        _bad_flags(str(e).splitlines()[0])
+
+
+_CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/MODEL-METHOD-CONFIGHASH).")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        _bad_flags(str(e).splitlines()[0])
+    path = flags.FLAGS["config"].config_filename
+    if not os.path.isfile(path):
+        _bad_flags(f"config file {path!r} does not exist; allowed: a path to an ml_collections config file "
+                   "such as configs/default.py")
+    return rest
 
 
 def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    from slt_jax import cli
-
     sys.exit(cli.run(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -19,7 +19,8 @@ from slt_jax.train import ConfigError, Preempted, TrainingDiverged, default_work
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
+    """Prints the one-line error the CLI promises; returns the exit code."""
     print(f"error: {message}", file=sys.stderr)
     return code
 
@@ -38,8 +39,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> int:
         print(f"preempted: {e}", file=sys.stderr)
         return 0
     except TrainingDiverged as e:
-        return _fail(str(e), EXIT_DIVERGED)
+        return fail(str(e), EXIT_DIVERGED)
     except (ConfigError, DataError, CheckpointMismatch) as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
+        return fail(str(e), EXIT_BAD_INPUT)
     print(json.dumps(summary))
     return 0
