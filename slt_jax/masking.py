@@ -6,6 +6,11 @@ each gated parameter leaf. Gate arrays broadcast against their leaf:
 * unstructured: one gate per weight, shape == leaf shape;
 * structured: one gate per output unit / channel, shape (1, ..., 1, out). The unit's bias, when
   the module has one, is multiplied by the same gate, so a closed gate removes the whole unit.
+  Attention projections (3-D kernels of modules named query, key, value, out, as Flax's
+  ``MultiHeadDotProductAttention`` names them) get one gate per head instead: shape (1, heads, 1)
+  for the (in, heads, head_dim) query/key/value kernels (and (heads, 1) on their biases), shape
+  (heads, 1, 1) for the (heads, head_dim, out) output kernel (whose bias, shared by all heads,
+  stays ungated).
 
 Models never see gates: ``apply_masks(params, masks)`` returns an ordinary parameter tree that
 goes straight into ``model.apply``.
@@ -25,6 +30,10 @@ GateTree = dict[str, Array]
 
 DEFAULT_POLICY = r"(^|/)kernel$"
 
+# Head axis of the attention projection kernels: query/key/value (in, heads, head_dim), out
+# (heads, head_dim, out). Structured gating gates these per head, not per last-axis unit.
+ATTENTION_HEAD_AXIS = {"query": 1, "key": 1, "value": 1, "out": 0}
+
 
 def path_name(path: tuple) -> str:
     """'/'-joined key names of a tree path, e.g. ('Dense_0', 'kernel') -> 'Dense_0/kernel'."""
@@ -40,28 +49,41 @@ def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool =
     """Shapes of the gate arrays for the leaves whose path name matches the regex ``policy``.
 
     The default policy gates every kernel (Dense, Conv, attention), first and last layer included.
-    Structured gates have shape (1, ..., 1, out): one per output unit or channel.
+    Structured gates have shape (1, ..., 1, out): one per output unit or channel; attention
+    projections get one per head (see the module docstring).
     """
     pattern = re.compile(policy)
     shapes = {}
     for name, leaf in named_leaves(params).items():
         if pattern.search(name) and np.ndim(leaf) >= 1:
             shape = tuple(np.shape(leaf))
-            shapes[name] = (1,) * (len(shape) - 1) + shape[-1:] if structured else shape
+            shapes[name] = _structured_shape(name, shape) if structured else shape
     if not shapes:
         raise ValueError(f"gate policy {policy!r} matches no parameter; parameters are: {', '.join(named_leaves(params))}")
     return shapes
 
 
+def _structured_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    parts = name.split("/")
+    axis = ATTENTION_HEAD_AXIS.get(parts[-2]) if len(shape) == 3 and len(parts) >= 2 else None
+    if axis is None:
+        return (1,) * (len(shape) - 1) + shape[-1:]
+    return tuple(n if i == axis else 1 for i, n in enumerate(shape))
+
+
 def _bias_partner(name: str, masks: GateTree, leaves: dict[str, Array]) -> Array | None:
-    """The structured gate of the kernel beside bias ``name``, reshaped to the bias, if any."""
+    """The structured gate of the kernel beside bias ``name``, without the kernel's input axes
+    (so it broadcasts against the bias), if any."""
     if not name.endswith("bias") or name in masks:
         return None
     kernel = name[: -len("bias")] + "kernel"
     gate = masks.get(kernel)
-    if gate is None or gate.size != leaves[name].size or gate.size == leaves[kernel].size:
+    if gate is None or gate.size == leaves[kernel].size:
         return None
-    return gate.reshape(leaves[name].shape)
+    lead = gate.ndim - np.ndim(leaves[name])  # the kernel's input axes, which the bias lacks
+    if lead < 0 or any(n != 1 for n in gate.shape[:lead]):
+        return None  # gates that vary over input axes (per-head out projection): the bias is shared
+    return gate.reshape(gate.shape[lead:])
 
 
 def full_masks(params: Params, masks: GateTree) -> dict[str, Array | None]:

@@ -16,6 +16,9 @@ import flax.linen as nn
 from slt_jax.models.convnets import CONV_WIDTHS, ConvNet
 from slt_jax.models.inits import weight_init
 from slt_jax.models.mlp import MLP
+from slt_jax.models.resnet import RESNETS, ResNet
+from slt_jax.models.swin import SWINS, Swin
+from slt_jax.models.vit import VITS, ViT
 
 
 def _mlp(hidden):
@@ -28,6 +31,17 @@ def _conv(depth):
                                        spec.get("use_bias", False), kinit)
 
 
+def _resnet(name, stem):
+    return lambda spec, kinit: ResNet(**RESNETS[name], num_classes=spec["num_classes"], stem=stem,
+                                      width=spec.get("width", 1.0), use_bias=spec.get("use_bias", False),
+                                      kernel_init=kinit)
+
+
+def _transformer(cls, arch):
+    return lambda spec, kinit: cls(**arch, num_classes=spec["num_classes"], width=spec.get("width", 1.0),
+                                   use_bias=spec.get("use_bias", False), kernel_init=kinit)
+
+
 MODELS: dict[str, Callable[[dict[str, Any], Any], nn.Module]] = {
     "digits_mlp": _mlp((256, 256)),
     "lenet300": _mlp((300, 100)),
@@ -35,6 +49,12 @@ MODELS: dict[str, Callable[[dict[str, Any], Any], nn.Module]] = {
     "conv4": _conv(4),
     "conv6": _conv(6),
     "conv8": _conv(8),
+    # ResNets: the name picks the stem (CIFAR 3x3 stride 1; "_imagenet": 7x7 stride 2 + max-pool).
+    **{name: _resnet(name, "cifar") for name in RESNETS},
+    **{f"{name}_imagenet": _resnet(name, "imagenet") for name in RESNETS},
+    # Transformers pick patch (and Swin window) sizes from the input size.
+    **{name: _transformer(ViT, arch) for name, arch in VITS.items()},
+    **{name: _transformer(Swin, arch) for name, arch in SWINS.items()},
 }
 
 
