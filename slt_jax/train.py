@@ -28,6 +28,7 @@ from slt_jax.data import DataError, load_dataset
 from slt_jax.gates import gate_count
 from slt_jax.methods import create_method
 from slt_jax.models import create_model
+from slt_jax.plots import write_run_plots
 from slt_jax.ticket import init_variables, save_ticket
 
 log = logging.getLogger(__name__)
@@ -347,5 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "bits_per_gated_weight": gate_count(binary) / final["gated_weights"],
                 "dense_float32_bits_per_weight": 32}
         save_ticket(os.path.join(workdir, "ticket"), meta, binary, jax.device_get(state["model_state"]))
+        if config.plots:
+            summary["plots"] = write_run_plots(workdir, summary, jax.device_get(state["gates"]), binary)
         _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
