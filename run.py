@@ -3,7 +3,6 @@
     python run.py                                       # CRBG on the embedded digits
     python run.py --config configs/X.py --workdir DIR --config.sparsity=0.9
 """
-import os
 import sys
 
 from absl import app, flags
@@ -40,11 +39,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = flags.FLAGS(argv)
+        _CONFIG.value.get("model")  # ml_collections defers a config file's load error to its first use
     except flags.Error as e:
         _bad_flags(str(e).splitlines()[0])
-    path = flags.FLAGS["config"].config_filename
-    if not os.path.isfile(path):
-        _bad_flags(f"config file {path!r} does not exist; allowed: a path to an ml_collections config file "
+    except OSError as e:
+        reason = str(e).strip().splitlines()[-1].strip()  # e.g. [Errno 2] No such file or directory: 'PATH'
+        _bad_flags(f"config file cannot be loaded ({reason}); allowed: a path to an ml_collections config file "
                    "such as configs/default.py")
     return rest
 
