@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.split_seed = 0
     c.num_classes = 10  # for synthetic data; other datasets read it from their labels
     c.synthetic_shape = (28, 28, 1)
+    # tfds:NAME only. augment: "cifar" (4-px pad-crop + flip), "imagenet" (random-resized crop + flip;
+    # eval resize 256 + centre crop 224), "none", or "auto" (by image size, see slt_jax.data.tfds_source).
+    c.augment = "auto"
+    c.tfds_data_dir = ""  # where prepared datasets live; "": $TFDS_DATA_DIR, else ~/tensorflow_datasets
 
     # Bookkeeping (may change between a run and its resumption).
     c.log_every = 20
