@@ -2,9 +2,9 @@
 
 ``write_run_plots`` writes, into the workdir:
 
-* ``training_curves.png``: loss; validation accuracy of the binary ticket (and of one stochastic
-  sample of the gates, whose distance to it is the binary gap); sparsity of the binary ticket,
-  1 - expected density (CRBG) and the target.
+* ``training_curves.png``: loss; validation accuracy of the binary ticket and of one sample of
+  the training masks (CRBG: a noisy gate draw; their distance is the binary gap); sparsity of the
+  binary ticket, 1 - expected density (CRBG) and the target.
 * ``layer_sparsity.png``: the binary ticket's sparsity per gated leaf.
 * ``gate_histogram.png``: the final gate parameters (CRBG: e.g. mu; edge-popup: scores), split
   into the gates the binary ticket keeps and those it drops.
@@ -51,7 +51,7 @@ def plot_training_curves(records: list[dict[str, Any]], path: str, target_sparsi
     ax_loss.legend()
 
     for key, label, style in (("val_accuracy", "binary ticket", "o-"),
-                              ("stochastic_val_accuracy", "stochastic gates", "x--")):
+                              ("stochastic_val_accuracy", "training masks (one sample)", "x--")):
         steps, values = _series(records, key)
         if len(steps):
             ax_acc.plot(steps, values, style, label=label)
