@@ -1,0 +1,217 @@
+"""Median train-step time: dense weight training vs CRBG vs edge-popup, batch 128, synthetic data.
+
+    python benchmarks/step_time.py            # a table
+    python benchmarks/step_time.py --json     # one JSON line
+    python benchmarks/step_time.py --models lenet300 --reps 200
+
+CRBG and edge-popup run the project's own jitted step (``slt_jax.train.make_train_step``) built
+by the real harness (``slt_jax.train.Run``) on the ``synthetic`` dataset: the methods' masking,
+penalty, optimiser and metrics are all inside the timed step. "Dense" trains the weights of the
+same Flax model with the same loss and Adam, as an ordinary Flax training step would.
+
+Each step is compiled and warmed up first; every timed call ends with ``block_until_ready``.
+If PyTorch is importable, the same architecture's dense and edge-popup steps in plain PyTorch
+are timed too, clearly labelled ``torch_*``: a reference for what this CPU can do.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from configs import default  # noqa: E402
+from slt_jax import sharding  # noqa: E402
+from slt_jax.train import Run, classification_loss, make_train_step  # noqa: E402
+
+BATCH = 128
+INPUT_SHAPES = {"lenet300": (28, 28, 1), "conv4": (32, 32, 3)}
+
+
+def bench_config(model: str, method: str, **overrides: Any) -> ml_collections.ConfigDict:
+    c = default.get_config()
+    c.model, c.method, c.dataset = model, method, "synthetic"
+    c.synthetic_shape = INPUT_SHAPES[model]
+    c.synthetic_size = 2 * BATCH
+    c.batch_size, c.num_epochs, c.num_steps = BATCH, 0, 1000
+    c.num_devices, c.progress, c.plots = 1, False, False
+    c.sparsity = 0.5
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def median_ms(steps: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time in ms of each ``step()``, which must block until its result is ready.
+
+    The steps take turns, one call each per round, so a load change on a shared machine hits
+    them all alike and their ratios stay meaningful.
+    """
+    for step in steps.values():
+        for _ in range(warmup):  # the first call compiles
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def batch(run: Run) -> tuple[jax.Array, jax.Array]:
+    x, y = run.dataset.train_batch(0, 0, BATCH)
+    return sharding.shard_batch((x, y), run.mesh)
+
+
+def method_step(run: Run) -> Callable[[], Any]:
+    """One call of the project's jitted step, state threaded through (it is donated)."""
+    train_step = make_train_step(run.model, run.method, run.optimizer, frozen_fn=run.frozen_fn)
+    state = sharding.replicate(run.initial_state(), run.mesh)
+    x, y = batch(run)
+    holder = [state]
+
+    def step():
+        holder[0], metrics = train_step(holder[0], run.frozen, x, y)
+        jax.block_until_ready((holder[0], metrics))
+
+    return step
+
+
+def dense_step(run: Run) -> Callable[[], Any]:
+    """Ordinary weight training of the same model and loss with Adam."""
+    opt, cross_entropy = optax.adam(1e-3), classification_loss()
+
+    @jax.jit
+    def train_step(params, opt_state, x, y):
+        def loss_fn(p):
+            logits = run.model.apply({"params": p}, x, train=True)
+            return cross_entropy(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "train_accuracy": acc}
+
+    params = run.frozen_params(run.frozen)
+    holder = [params, opt.init(params)]
+    x, y = batch(run)
+
+    def step():
+        holder[0], holder[1], metrics = train_step(holder[0], holder[1], x, y)
+        jax.block_until_ready((holder, metrics))
+
+    return step
+
+
+def torch_steps(model: str) -> dict[str, Callable[[], Any]]:
+    """Reference steps in plain PyTorch (NCHW), if torch is importable: the same architecture's
+    dense Adam step, and edge-popup as its reference code does it (a full sort of |scores| per
+    layer per forward, straight-through backward, SGD with momentum on the scores)."""
+    try:
+        import torch
+        from torch import nn
+        from torch.nn import functional as F
+    except ImportError:
+        return {}
+
+    class TopK(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, scores, density):
+            mask = torch.zeros_like(scores)
+            _, idx = scores.abs().flatten().sort()
+            mask.view(-1)[idx[int((1 - density) * scores.numel()):]] = 1
+            return mask
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+    class Masked(nn.Module):
+        def __init__(self, layer: nn.Module):
+            super().__init__()
+            self.layer = layer
+            layer.weight.requires_grad_(False)
+            self.scores = nn.Parameter(torch.empty_like(layer.weight).uniform_(-0.01, 0.01))
+
+        def forward(self, x):
+            w = self.layer.weight * TopK.apply(self.scores, 0.5)
+            if isinstance(self.layer, nn.Linear):
+                return F.linear(x, w)
+            return F.conv2d(x, w, padding=1)
+
+    def net(masked: bool) -> nn.Module:
+        wrap = Masked if masked else (lambda layer: layer)
+        if model == "lenet300":
+            dims = [784, 300, 100, 10]
+            layers = [nn.Flatten()]
+        else:
+            layers = []
+            for cin, cout in [(3, 64), (64, 64), "P", (64, 128), (128, 128), "P"]:
+                layers += [nn.MaxPool2d(2)] if cout == "P" else [wrap(nn.Conv2d(cin, cout, 3, padding=1, bias=False)),
+                                                                 nn.ReLU()]
+            dims = [8192, 256, 256, 10]
+            layers.append(nn.Flatten())
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers += [wrap(nn.Linear(a, b, bias=False))] + ([nn.ReLU()] if i < len(dims) - 2 else [])
+        return nn.Sequential(*layers)
+
+    x = torch.randn(BATCH, *((1, 28, 28) if model == "lenet300" else (3, 32, 32)))
+    y = torch.randint(0, 10, (BATCH,))
+
+    def step_of(module: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], Any]:
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(module(x), y).backward()
+            opt.step()
+        return step
+
+    dense, popup = net(False), net(True)
+    return {"torch_dense_ms": step_of(dense, torch.optim.Adam(dense.parameters(), 1e-3)),
+            "torch_edgepopup_ms": step_of(popup, torch.optim.SGD([p for p in popup.parameters() if p.requires_grad],
+                                                                 0.1, momentum=0.9))}
+
+
+def measure(model: str, reps: int) -> dict[str, float]:
+    runs = {m: Run(bench_config(model, m), "") for m in ("crbg", "edgepopup")}
+    steps = {"dense_ms": dense_step(runs["crbg"]), "crbg_ms": method_step(runs["crbg"]),
+             "edgepopup_ms": method_step(runs["edgepopup"])}
+    steps.update(torch_steps(model))
+    out = median_ms(steps, reps)
+    out["crbg_over_dense"] = out["crbg_ms"] / out["dense_ms"]
+    out["edgepopup_over_dense"] = out["edgepopup_ms"] / out["dense_ms"]
+    if "torch_dense_ms" in out:
+        out["torch_edgepopup_over_dense"] = out["torch_edgepopup_ms"] / out["torch_dense_ms"]
+        out["torch_edgepopup_over_ours"] = out["torch_edgepopup_ms"] / out["edgepopup_ms"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    parser.add_argument("--models", default="lenet300,conv4", help="comma-separated: lenet300, conv4")
+    parser.add_argument("--reps", type=int, default=100, help="timed steps per measurement")
+    args = parser.parse_args()
+    results = {m: measure(m, args.reps) for m in args.models.split(",")}
+    if args.json:
+        print(json.dumps(results))
+        return
+    print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, batch {BATCH}, median of {args.reps} steps (ms)")
+    for m, r in results.items():
+        print(f"{m}:")
+        for k, v in r.items():
+            print(f"  {k:28s}{v:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
