@@ -27,6 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_scale = ml_collections.config_dict.placeholder(float)  # only for weight_init="uniform"
     c.use_bias = False
     c.width = 1.0
+    # How the step holds the frozen weights (memory, not results). "bfloat16" halves their bytes; the
+    # ticket is then defined on the bf16-rounded weights and records it. regenerate_frozen=True keeps
+    # only the seed and re-runs the initialisers inside every step: same ticket, no weight buffer.
+    c.frozen_dtype = "float32"
+    c.regenerate_frozen = False
 
     # Which leaves carry gates, and one gate per weight or per output unit.
     c.gate_policy = DEFAULT_POLICY

@@ -33,10 +33,31 @@ FORMAT_VERSION = 1
 
 
 def init_variables(model_spec: dict[str, Any], input_shape: tuple[int, ...], seed: int) -> dict[str, Any]:
-    """The model's initial variables from the seed: the frozen weights of every ticket."""
+    """The model's initial variables from the seed: the frozen weights of every ticket.
+
+    Computed under jit, as a run that regenerates them inside its jitted step does: XLA's
+    simplifications can move an eager init by an ulp (seen for kaiming_normal), a jitted one not.
+    """
     model = create_model(model_spec)
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
-    return jax.device_get(model.init(jax.random.PRNGKey(seed), dummy, train=False))
+    init = jax.jit(lambda key: model.init(key, dummy, train=False))
+    return jax.device_get(init(jax.random.PRNGKey(seed)))
+
+
+FROZEN_DTYPES = ("float32", "bfloat16")
+
+
+def round_frozen(params: Any, frozen_dtype: str = "float32") -> Any:
+    """``params`` rounded to ``frozen_dtype`` and cast back to float32 (traceable).
+
+    These are the weights a run that stores its frozen weights in ``frozen_dtype`` computes with,
+    so they are the weights its ticket is defined on: with "bfloat16" a kept weight is
+    ``float32(bfloat16(w0))``, not ``w0``. The ticket records ``frozen_dtype`` and
+    ``Ticket.frozen_params`` applies the same rounding. "float32" changes nothing.
+    """
+    if frozen_dtype not in FROZEN_DTYPES:
+        raise ValueError(f"frozen_dtype={frozen_dtype!r}; allowed: {', '.join(FROZEN_DTYPES)}")
+    return jax.tree.map(lambda w: jnp.asarray(w, frozen_dtype).astype(jnp.float32), params)
 
 
 def pack_masks(masks: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -93,8 +114,8 @@ class Ticket:
         return init_variables(self.meta["model"], tuple(self.meta["input_shape"]), self.meta["seed"])
 
     def frozen_params(self) -> Any:
-        """The network's initial weights, regenerated from the seed."""
-        return self._variables["params"]
+        """The network's initial weights, regenerated from the seed and rounded to the run's frozen_dtype."""
+        return jax.device_get(round_frozen(self._variables["params"], self.meta.get("frozen_dtype", "float32")))
 
     @functools.cached_property
     def mask(self) -> Any:

@@ -29,13 +29,13 @@ from slt_jax.gates import gate_count
 from slt_jax.methods import create_method
 from slt_jax.models import create_model
 from slt_jax.plots import write_run_plots
-from slt_jax.ticket import init_variables, save_ticket
+from slt_jax.ticket import init_variables, round_frozen, save_ticket
 
 log = logging.getLogger(__name__)
 
 # Keys that do not change what a run computes: a resumed run may change them freely.
 NON_SEMANTIC_KEYS = ("eval_every", "log_every", "checkpoint_every", "num_devices", "progress", "eval_batch_size",
-                     "plots", "distributed")
+                     "plots", "distributed", "regenerate_frozen")
 
 
 class ConfigError(ValueError):
@@ -86,13 +86,37 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> ja
     return optax.softmax_cross_entropy(logits, onehot).mean()
 
 
-def make_train_step(model, method, optimizer: optax.GradientTransformation, label_smoothing: float = 0.0) -> Callable:
+def frozen_storage(model, params: Any, input_shape: tuple[int, ...],
+                   config: ml_collections.ConfigDict) -> tuple[Any, Callable[[Any], Any]]:
+    """What the train step holds for the frozen weights, and the traceable map from it to float32 weights.
+
+    * default: the weights, stored in ``config.frozen_dtype`` and cast up to float32 in the step;
+      "bfloat16" halves their bytes.
+    * ``config.regenerate_frozen``: only the seed's PRNG key; the step re-runs the model's
+      initialisers on every call, so no weight buffer lives between steps, at the price of
+      recomputing them. The key is a traced input, so XLA cannot fold the weights into a constant.
+
+    Both give ``round_frozen(init(seed), frozen_dtype)`` bit for bit: the choice never changes a ticket.
+    """
+    weights = round_frozen(params, config.frozen_dtype)
+    if config.regenerate_frozen:
+        dummy = jnp.zeros((1, *input_shape), jnp.float32)
+        return jax.random.PRNGKey(config.seed), lambda key: round_frozen(
+            model.init(key, dummy, train=False)["params"], config.frozen_dtype)
+    stored = jax.tree.map(lambda w: w.astype(config.frozen_dtype), weights)
+    return stored, lambda frozen: jax.tree.map(lambda w: w.astype(jnp.float32), frozen)
+
+
+def make_train_step(model, method, optimizer: optax.GradientTransformation, label_smoothing: float = 0.0,
+                    frozen_fn: Callable[[Any], Any] = lambda frozen: frozen) -> Callable:
     """The jitted step ``(state, frozen, x, y) -> (state, metrics)``.
 
     Only ``state["gates"]`` is differentiated and updated; ``frozen`` is an input, never an output.
+    ``frozen_fn`` turns it into the float32 weights inside the step (see ``frozen_storage``).
     """
 
     def step_fn(state, frozen, x, y):
+        frozen = frozen_fn(frozen)
         step = state["step"]
         key = jax.random.fold_in(state["rng"], step)  # replicated: every device draws the same mask
         model_state = state["model_state"]
@@ -177,9 +201,12 @@ class Run:
         self.spec = model_spec(config, self.dataset.num_classes)
         self.model = create_model(self.spec)
         variables = init_variables(self.spec, self.dataset.input_shape, config.seed)
-        self.frozen = sharding.replicate(variables.pop("params"), self.mesh)
+        stored, self.frozen_fn = frozen_storage(self.model, variables.pop("params"), self.dataset.input_shape, config)
+        self.frozen = sharding.replicate(stored, self.mesh)  # the step's ``frozen`` input
+        self.frozen_params = jax.jit(self.frozen_fn)
         self.initial_model_state = variables
-        self.shapes = masking.gate_shapes(self.frozen, config.gate_policy, config.structured)
+        self.shapes = masking.gate_shapes(jax.eval_shape(self.frozen_params, self.frozen), config.gate_policy,
+                                          config.structured)
         self.method = create_method(config)
         self.optimizer = self.method.optimizer()
         self.base_key = jax.random.PRNGKey(config.seed)
@@ -194,18 +221,19 @@ class Run:
         """Binary-ticket accuracy per split, sparsity, and the stochastic network's accuracy."""
         cfg, ev = self.config, self._eval_fn
         binary = self.method.binary_masks(state["gates"])
-        ticket_params = masking.apply_masks(self.frozen, binary)
+        frozen = self.frozen_params(self.frozen)
+        ticket_params = masking.apply_masks(frozen, binary)
         out = {}
         for split in splits:
             if self.dataset.has_split(split):
                 out[f"{split}_accuracy"] = _accuracy(ev, ticket_params, state["model_state"], self.dataset, split,
                                                      cfg.eval_batch_size, self.mesh)
         sample = self.method.train_masks(state["gates"], jax.random.fold_in(self.base_key, 2), state["step"])
-        stochastic = masking.apply_masks(self.frozen, sample)
+        stochastic = masking.apply_masks(frozen, sample)
         out["stochastic_val_accuracy"] = _accuracy(ev, stochastic, state["model_state"], self.dataset, "val",
                                                    cfg.eval_batch_size, self.mesh)
         out["binary_gap"] = out["stochastic_val_accuracy"] - out["val_accuracy"]
-        report = masking.sparsity_report(jax.device_get(self.frozen), jax.device_get(binary))
+        report = masking.sparsity_report(jax.device_get(frozen), jax.device_get(binary))
         out["sparsity"] = report["sparsity"]
         out["layer_sparsity"] = report["layers"]
         out["gated_weights"] = report["gated_weights"]
@@ -276,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if is_main:
             _truncate_metrics(metrics_path, int(state["step"]))
     state = sharding.replicate(state, run.mesh)
-    train_step = make_train_step(run.model, run.method, run.optimizer, config.label_smoothing)
+    train_step = make_train_step(run.model, run.method, run.optimizer, config.label_smoothing, run.frozen_fn)
 
     def log_metrics(record: dict[str, Any]) -> None:
         if is_main:
@@ -342,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
         meta = {"model": run.spec, "input_shape": list(run.dataset.input_shape), "seed": config.seed,
                 "gate_policy": config.gate_policy, "structured": config.structured, "method": config.method,
+                "frozen_dtype": config.frozen_dtype,  # the ticket is defined on weights rounded to it
                 "dataset": config.dataset, "preprocessing": run.dataset.preprocessing,
                 "metrics": {k: summary[k] for k in ("val_accuracy", "test_accuracy", "sparsity", "binary_gap")},
                 "mask_bits": gate_count(binary), "gated_weights": final["gated_weights"],
