@@ -47,7 +47,7 @@ class Checkpointer:
             try:
                 fingerprint = self.manager.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
-                log.warning("checkpoint %d is unreadable (%s); trying an earlier one", step, type(e).__name__)
+                self._discard(step, e)
                 continue
             if fingerprint != self.fingerprint:
                 diff = sorted(k for k in set(fingerprint) | set(self.fingerprint) if fingerprint.get(k) != self.fingerprint.get(k))
@@ -58,8 +58,15 @@ class Checkpointer:
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))
                 return restored["state"]
             except Exception as e:  # noqa: BLE001
-                log.warning("checkpoint %d is corrupt (%s: %s); trying an earlier one", step, type(e).__name__, e)
+                self._discard(step, e)
         return None
+
+    def _discard(self, step: int, error: Exception) -> None:
+        """Deletes an unrestorable checkpoint: training passes its step again and must be able to save it."""
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        log.warning("checkpoint %d is corrupt (%s: %s); deleted it, trying an earlier one", step,
+                    type(error).__name__, reason)
+        self.manager.delete(step)
 
     def close(self) -> None:
         self.manager.close()

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -107,6 +108,11 @@ def frozen_storage(model, params: Any, input_shape: tuple[int, ...],
     return stored, lambda frozen: jax.tree.map(lambda w: w.astype(jnp.float32), frozen)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
+
+
 def make_train_step(model, method, optimizer: optax.GradientTransformation, label_smoothing: float = 0.0,
                     frozen_fn: Callable[[Any], Any] = lambda frozen: frozen) -> Callable:
     """The jitted step ``(state, frozen, x, y) -> (state, metrics)``.
@@ -135,13 +141,15 @@ def make_train_step(model, method, optimizer: optax.GradientTransformation, labe
 
         (loss, (ce, acc, aux, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["gates"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["gates"])
+        gates = optax.apply_updates(state["gates"], updates)
         new_state = {
             "step": step + 1,
-            "gates": optax.apply_updates(state["gates"], updates),
+            "gates": gates,
             "opt_state": opt_state,
             "method_state": method.update_state(state["method_state"], aux),
             "model_state": new_model_state,
-            "finite": state["finite"] & jnp.isfinite(loss),
+            # An overflow can poison the gates or the optimiser's moments while the loss still looks finite.
+            "finite": state["finite"] & jnp.isfinite(loss) & _all_finite((gates, opt_state)),
             "rng": state["rng"],
         }
         return new_state, {"loss": loss, "cross_entropy": ce, "train_accuracy": acc, **aux}
@@ -258,7 +266,8 @@ def _truncate_metrics(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        # A run killed mid-write can leave a last line without its newline: dropped, it is logged again.
+        keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
     with open(path, "w") as f:
         f.writelines(keep)
 
@@ -270,10 +279,8 @@ def _to_float(tree: dict[str, Any]) -> dict[str, Any]:
 def prepare_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        with tempfile.TemporaryFile(dir=workdir):  # a unique probe: processes sharing the workdir may race
+            pass
     except OSError as e:
         raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror}); allowed: a directory you can write") from None
 
@@ -288,13 +295,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     prepare_workdir(workdir)
     run = Run(config, workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), fingerprint(config))
     template = run.initial_state()
-    state = checkpointer.restore_latest(template)
+    state = checkpointer.restore_latest(template)  # refuses another config's checkpoints before we write anything
+    if is_main:
+        _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
     if state is None:
         state = template
         if is_main and os.path.exists(metrics_path):
@@ -311,10 +318,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def checkpoint(step: int) -> None:
+    def check_finite(step: int) -> None:
         if not bool(state["finite"]):
-            raise TrainingDiverged(f"the loss became NaN or infinite before step {step}; stopped, keeping the last "
-                                   f"good checkpoint in {workdir}/checkpoints (lower learning_rate?)")
+            raise TrainingDiverged(f"the loss or the gates became NaN or infinite by step {step}; stopped, keeping the "
+                                   f"last good checkpoint in {workdir}/checkpoints (lower learning_rate?)")
+
+    def checkpoint(step: int) -> None:
+        check_finite(step)
         checkpointer.save(step, state)
 
     start = int(state["step"])
@@ -329,10 +339,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 state, metrics = train_step(state, run.frozen, xs, ys)
                 done = step + 1
                 if done % config.log_every == 0 or done == run.num_steps:
+                    check_finite(done)
                     m = _to_float(metrics)
-                    if not math.isfinite(m["loss"]):
-                        raise TrainingDiverged(f"loss is {m['loss']} at step {done}; stopped, keeping the last good "
-                                               f"checkpoint in {workdir}/checkpoints (lower learning_rate?)")
                     record = {"step": done, **m}
                     if done % config.eval_every == 0 or done == run.num_steps:
                         ev = run.evaluate(state)
@@ -340,11 +348,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         bar.set_postfix(loss=f"{m['loss']:.3f}", val=f"{ev['val_accuracy']:.3f}",
                                         sparsity=f"{ev['sparsity']:.3f}")
                     log_metrics(record)
-                if config.checkpoint_every and done % config.checkpoint_every == 0:
+                if (config.checkpoint_every and done % config.checkpoint_every == 0) or preempted.raised:
                     checkpoint(done)
                 bar.update(1)
                 if preempted.raised:
-                    checkpoint(done)
                     checkpointer.wait()
                     raise Preempted(f"SIGTERM at step {done}: checkpoint saved in {workdir}/checkpoints; "
                                     "run the same command to resume")
