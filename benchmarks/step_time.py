@@ -157,9 +157,10 @@ def torch_steps(model: str) -> dict[str, Callable[[], Any]]:
             layers = [nn.Flatten()]
         else:
             layers = []
-            for cin, cout in [(3, 64), (64, 64), "P", (64, 128), (128, 128), "P"]:
-                layers += [nn.MaxPool2d(2)] if cout == "P" else [wrap(nn.Conv2d(cin, cout, 3, padding=1, bias=False)),
-                                                                 nn.ReLU()]
+            for cin, cout in [(3, 64), (64, 64), (64, 128), (128, 128)]:
+                layers += [wrap(nn.Conv2d(cin, cout, 3, padding=1, bias=False)), nn.ReLU()]
+                if cout == cin:  # the second conv of a pair
+                    layers.append(nn.MaxPool2d(2))
             dims = [8192, 256, 256, 10]
             layers.append(nn.Flatten())
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
