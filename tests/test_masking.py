@@ -154,8 +154,8 @@ class UsersNet(nn.Module):
         return nn.Dense(3, name="classifier")(x)
 
 
-@pytest.mark.parametrize("method", [CRBG(num_steps=30, sparsity=0.5, learning_rate=0.05),
-                                    EdgePopup(num_steps=30, sparsity=0.5)])
+@pytest.mark.parametrize("method", [CRBG(num_steps=20, sparsity=0.5, learning_rate=0.05),
+                                    EdgePopup(num_steps=20, sparsity=0.5)])
 def test_a_users_linen_model_is_ticketed_end_to_end(method):
     model = UsersNet()
     x = jax.random.normal(jax.random.PRNGKey(0), (64, 8, 8, 2))
@@ -173,10 +173,10 @@ def test_a_users_linen_model_is_ticketed_end_to_end(method):
              "rng": jax.random.PRNGKey(3)}
     step = make_train_step(model, method, optimizer)
     losses = []
-    for _ in range(30):
+    for _ in range(20):
         state, metrics = step(state, frozen, x, y)
         losses.append(float(metrics["cross_entropy"]))
-    assert bool(state["finite"]) and int(state["step"]) == 30
+    assert bool(state["finite"]) and int(state["step"]) == 20
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     jax.tree.map(np.testing.assert_array_equal, frozen, frozen_copy)  # weights untouched
 
