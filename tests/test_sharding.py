@@ -1,0 +1,76 @@
+"""Data parallelism on 8 simulated CPU devices: the batch is split over ``data``, the state is
+replicated, and the device count changes nothing but float summation order."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from slt_jax import load_ticket, sharding
+from slt_jax.train import ConfigError, Run, make_train_step, train_and_evaluate
+
+
+def test_shard_batch_splits_rows_over_devices():
+    mesh = sharding.make_mesh(8)
+    x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+    y = np.arange(64, dtype=np.int32)
+    xs, ys = sharding.shard_batch((x, y), mesh)
+    for global_array, host in ((xs, x), (ys, y)):
+        assert global_array.sharding.spec == P("data") and global_array.shape == host.shape
+        shards = sorted(global_array.addressable_shards, key=lambda s: s.index[0].start)
+        assert len({s.device for s in shards}) == 8
+        for i, shard in enumerate(shards):  # device i holds rows 8i .. 8i+7, and only those
+            np.testing.assert_array_equal(np.asarray(shard.data), host[8 * i:8 * (i + 1)])
+
+
+def test_train_step_keeps_state_replicated_and_batch_sharded(tiny_config, tmp_path):
+    tiny_config.num_devices = 8
+    run = Run(tiny_config, str(tmp_path))
+    state = sharding.replicate(run.initial_state(), run.mesh)
+    step = make_train_step(run.model, run.method, run.optimizer, frozen_fn=run.frozen_fn)
+    xs, ys = sharding.shard_batch(run.dataset.train_batch(0, 0, tiny_config.batch_size), run.mesh)
+    assert xs.sharding.spec == P("data") and len(xs.sharding.device_set) == 8
+    new_state, metrics = step(state, run.frozen, xs, ys)
+    for leaf in jax.tree.leaves(new_state) + jax.tree.leaves(metrics) + jax.tree.leaves(run.frozen):
+        assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+    # Replicated gates and one replicated key: every device computed the same gate values.
+    for leaf in jax.tree.leaves(new_state["gates"]):
+        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+        assert all(np.array_equal(shards[0], s) for s in shards[1:])
+
+
+@pytest.fixture(scope="module")
+def runs_by_device_count(tmp_path_factory):
+    from configs import default
+
+    out = {}
+    for n in (1, 2, 8):
+        c = default.get_config()
+        c.num_epochs, c.num_steps, c.batch_size, c.log_every, c.eval_every, c.checkpoint_every = 0, 60, 64, 10, 30, 0
+        c.progress = c.plots = False
+        c.num_devices = n
+        workdir = tmp_path_factory.mktemp(f"devices{n}")
+        train_and_evaluate(c, str(workdir))
+        records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        out[n] = (records, load_ticket(str(workdir / "ticket")).gate_masks)
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_device_count_changes_neither_loss_curve_nor_ticket(runs_by_device_count, n):
+    ref_records, ref_masks = runs_by_device_count[1]
+    records, masks = runs_by_device_count[n]
+    assert [r["step"] for r in records] == [r["step"] for r in ref_records]
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in ref_records], rtol=1e-3, atol=1e-5)
+    agree = sum(int((masks[k] == ref_masks[k]).sum()) for k in ref_masks)
+    total = sum(m.size for m in ref_masks.values())
+    assert agree / total >= 0.995
+
+
+def test_batch_that_does_not_divide_over_devices_is_refused(tiny_config, tmp_path):
+    tiny_config.num_devices = 8
+    tiny_config.batch_size = 60
+    with pytest.raises(ConfigError, match=r"batch_size=60 does not divide over 8 devices; allowed: a multiple of 8"):
+        train_and_evaluate(tiny_config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
