@@ -1,6 +1,10 @@
 """Data parallelism on 8 simulated CPU devices: the batch is split over ``data``, the state is
 replicated, and the device count changes nothing but float summation order."""
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from slt_jax import load_ticket, sharding
 from slt_jax.train import ConfigError, Run, make_train_step, train_and_evaluate
+
+from conftest import ROOT
 
 
 def test_shard_batch_splits_rows_over_devices():
@@ -74,3 +80,56 @@ def test_batch_that_does_not_divide_over_devices_is_refused(tiny_config, tmp_pat
     with pytest.raises(ConfigError, match=r"batch_size=60 does not divide over 8 devices; allowed: a multiple of 8"):
         train_and_evaluate(tiny_config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+MULTIPROCESS_DRIVER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+from configs import default
+from slt_jax.train import train_and_evaluate
+c = default.get_config()
+c.num_epochs, c.num_steps, c.batch_size, c.log_every, c.eval_every, c.checkpoint_every = 0, 20, 64, 10, 20, 10
+c.progress = c.plots = False
+train_and_evaluate(c, workdir)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_find_the_ticket_of_one(tmp_path):
+    """2 processes x 2 CPU devices under jax.distributed (each feeding its half of every batch,
+    orbax saving collectively, process 0 writing files) against 1 process x 4 devices."""
+    from configs import default
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(MULTIPROCESS_DRIVER)
+    port, multi = str(_free_port()), tmp_path / "multi"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": ROOT}
+    procs = [subprocess.Popen([sys.executable, str(driver), str(i), port, str(multi)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+
+    c = default.get_config()
+    c.num_epochs, c.num_steps, c.batch_size, c.log_every, c.eval_every, c.checkpoint_every = 0, 20, 64, 10, 20, 10
+    c.progress = c.plots = False
+    c.num_devices = 4
+    single = tmp_path / "single"
+    train_and_evaluate(c, str(single))
+
+    assert sorted(os.listdir(multi / "checkpoints")) == ["10", "20"]
+    losses = [[json.loads(line)["loss"] for line in open(d / "metrics.jsonl")] for d in (multi, single)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    a, b = (load_ticket(str(d / "ticket")).gate_masks for d in (multi, single))
+    agree = sum(int((a[k] == b[k]).sum()) for k in b) / sum(m.size for m in b.values())
+    assert agree >= 0.995
