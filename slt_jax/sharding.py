@@ -19,6 +19,8 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     n = available if not num_devices else num_devices
     if not 1 <= n <= available:
         raise ValueError(f"num_devices={num_devices}; allowed: 1 to {available} (the devices JAX sees)")
+    if jax.process_count() > 1 and n != available:  # a subset could leave a process without devices to feed
+        raise ValueError(f"num_devices={num_devices} in a {jax.process_count()}-process run; allowed: 0 (all devices)")
     kwargs = {"devices": jax.devices()[:n]}
     if hasattr(jax.sharding, "AxisType"):
         # Auto axes: jit propagates the batch sharding itself; Explicit would demand annotations.
