@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.learning_rate = 0.05
     c.lr_schedule = "constant"
     c.label_smoothing = 0.0
+    c.logit_scale = 1.0  # temperature of the loss only (see slt_jax.train.classification_loss)
 
     # The random network.
     c.weight_init = "signed_kaiming"
@@ -36,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Which leaves carry gates, and one gate per weight or per output unit.
     c.gate_policy = DEFAULT_POLICY
     c.structured = False
+    c.ticket_coding = "packbits"  # how ticket/mask.npz stores the mask: "packbits" or "golomb"
 
     c.crbg = ml_collections.ConfigDict()
     c.crbg.family = "gaussian"

@@ -4,8 +4,9 @@ A ticket directory holds
 
 * ``ticket.json``: model spec, input shape, weight-init seed, gating (policy, structured),
   input preprocessing, the method and the metrics measured on it, and its size in bits;
-* ``mask.npz``: for each gated leaf, its binary gate (one bit per gate) packed with
-  ``np.packbits``, keyed by the leaf's path name, plus its shape;
+* ``mask.npz``: for each gated leaf, keyed by the leaf's path name, its shape and its binary
+  gates, one bit per gate (``np.packbits``) or Golomb-coded (``slt_jax.mask_coding``; about
+  half a bit per gate at 90% sparsity);
 * ``state.npz``, only for models with running statistics (BatchNorm): those statistics.
 
 No float weights are stored: ``frozen_params()`` regenerates them from the seed, bit-exact, and
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slt_jax import masking
+from slt_jax import mask_coding, masking
 from slt_jax.data.arrays import preprocess
 from slt_jax.models import create_model
 
@@ -60,35 +61,66 @@ def round_frozen(params: Any, frozen_dtype: str = "float32") -> Any:
     return jax.tree.map(lambda w: jnp.asarray(w, frozen_dtype).astype(jnp.float32), params)
 
 
-def pack_masks(masks: dict[str, Any]) -> dict[str, np.ndarray]:
+MASK_CODINGS = ("packbits", "golomb")
+
+
+def encode_masks(masks: dict[str, Any], coding: str = "packbits") -> dict[str, np.ndarray]:
+    """Arrays for ``mask.npz``: per gated leaf its shape and its bits, packed or Golomb-coded."""
+    if coding not in MASK_CODINGS:
+        raise ValueError(f"unknown mask coding {coding!r}; allowed: {', '.join(MASK_CODINGS)}")
     out = {}
     for name, m in masks.items():
         m = np.asarray(m, bool)
-        out[f"{name}::bits"] = np.packbits(m.ravel())
         out[f"{name}::shape"] = np.asarray(m.shape, np.int64)
+        if coding == "packbits":
+            out[f"{name}::bits"] = np.packbits(m.ravel())
+        else:
+            data, header = mask_coding.golomb_encode(m)
+            out[f"{name}::golomb"] = np.frombuffer(data, np.uint8)
+            out[f"{name}::header"] = np.asarray(json.dumps(header))
     return out
 
 
-def unpack_masks(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [k[: -len("::bits")] for k in arrays if k.endswith("::bits")]
+def decode_masks(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of ``encode_masks``."""
     out = {}
-    for name in names:
-        shape = tuple(int(s) for s in arrays[f"{name}::shape"])
-        out[name] = np.unpackbits(arrays[f"{name}::bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
+    for key in arrays:
+        name, _, kind = key.rpartition("::")
+        shape = tuple(int(s) for s in arrays.get(f"{name}::shape", ()))
+        if kind == "bits":
+            flat = np.unpackbits(arrays[key], count=int(np.prod(shape))).astype(bool)
+        elif kind == "golomb":
+            flat = mask_coding.golomb_decode(arrays[key].tobytes(), json.loads(str(arrays[f"{name}::header"])))
+        else:
+            continue
+        out[name] = flat.reshape(shape)
     return out
 
 
-def save_ticket(path: str, meta: dict[str, Any], masks: dict[str, Any], model_state: dict[str, Any] | None = None) -> None:
+def ticket_size(masks: dict[str, Any], gated_weights: int) -> dict[str, float]:
+    """Bits of the mask per gated weight, bit-packed and Golomb-coded, beside float32 weights' 32."""
+    gates = sum(int(np.size(m)) for m in masks.values())
+    golomb = sum(mask_coding.golomb_encode(np.asarray(m))[1]["nbits"] for m in masks.values())
+    return {"gates": gates, "gated_weights": gated_weights,
+            "packbits_bits_per_weight": gates / gated_weights,
+            "golomb_bits_per_weight": golomb / gated_weights,
+            "entropy_bits_per_weight": sum(np.size(m) * mask_coding.binary_entropy(float(np.mean(m)))
+                                           for m in masks.values()) / gated_weights,
+            "dense_float32_bits_per_weight": 32}
+
+
+def save_ticket(path: str, meta: dict[str, Any], masks: dict[str, Any], model_state: dict[str, Any] | None = None,
+                coding: str = "packbits") -> None:
     """Writes a ticket directory atomically: a crash mid-write leaves any previous ticket intact."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".ticket-tmp-", dir=parent)
-    np.savez(os.path.join(tmp, "mask.npz"), **pack_masks(masks))
+    np.savez(os.path.join(tmp, "mask.npz"), **encode_masks(masks, coding))
     if model_state:
         flat = masking.named_leaves(model_state)
         np.savez(os.path.join(tmp, "state.npz"), **{k: np.asarray(v) for k, v in flat.items()})
     with open(os.path.join(tmp, "ticket.json"), "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, **meta}, f, indent=2, sort_keys=True)
+        json.dump({"format_version": FORMAT_VERSION, "mask_coding": coding, **meta}, f, indent=2, sort_keys=True)
     old = path + ".old"
     if os.path.exists(path):
         os.replace(path, old)
@@ -136,7 +168,10 @@ class Ticket:
     def _apply(self):
         model = create_model(self.meta["model"])
         variables = {"params": self.masked_params(), **self.model_state()}
-        return jax.jit(lambda x: jnp.argmax(model.apply(variables, x, train=False), -1))
+        # The weights go in as an argument: closed over, they would be baked into every compiled
+        # program as constants (34 MB of HLO for Conv2, recompiled per batch shape).
+        predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1))
+        return functools.partial(predict, variables)
 
     def predict(self, images: Any) -> np.ndarray:
         """Class ids for raw images as the dataset stores them (e.g. uint8 28x28)."""
@@ -153,7 +188,7 @@ def load_ticket(path: str) -> Ticket:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"ticket format_version {meta.get('format_version')!r}; this slt_jax reads {FORMAT_VERSION}")
     with np.load(os.path.join(path, "mask.npz")) as f:
-        masks = unpack_masks({k: f[k] for k in f.files})
+        masks = decode_masks({k: f[k] for k in f.files})
     state = None
     if os.path.exists(os.path.join(path, "state.npz")):
         with np.load(os.path.join(path, "state.npz")) as f:

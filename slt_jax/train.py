@@ -30,13 +30,13 @@ from slt_jax.gates import gate_count
 from slt_jax.methods import create_method
 from slt_jax.models import create_model
 from slt_jax.plots import write_run_plots
-from slt_jax.ticket import init_variables, round_frozen, save_ticket
+from slt_jax.ticket import init_variables, round_frozen, save_ticket, ticket_size
 
 log = logging.getLogger(__name__)
 
 # Keys that do not change what a run computes: a resumed run may change them freely.
 NON_SEMANTIC_KEYS = ("eval_every", "log_every", "checkpoint_every", "num_devices", "progress", "eval_batch_size",
-                     "plots", "distributed", "regenerate_frozen")
+                     "plots", "distributed", "ticket_coding", "regenerate_frozen")
 
 
 class ConfigError(ValueError):
@@ -81,10 +81,23 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
     return os.path.join("runs", f"{config.model}-{config.method}-{digest}")
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
-    onehot = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing) if smoothing else \
-        jax.nn.one_hot(labels, logits.shape[-1])
-    return optax.softmax_cross_entropy(logits, onehot).mean()
+def classification_loss(label_smoothing: float = 0.0, logit_scale: float = 1.0) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Mean cross-entropy of ``logit_scale * logits`` against (optionally smoothed) labels.
+
+    ``logit_scale`` is a temperature of the loss only; predictions (argmax) never see it. A sparse
+    bias-free ReLU network's logits shrink roughly like density^(depth/2), which leaves the
+    cross-entropy flat and pushes a method to keep weights for their scale alone; scaling the
+    logits restores a useful loss. For such networks it equals scaling every weight by
+    logit_scale^(1/depth), as edge-popup's "scale_fan" init does, without touching the weights.
+    """
+
+    def loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+        onehot = jax.nn.one_hot(labels, logits.shape[-1])
+        if label_smoothing:
+            onehot = optax.smooth_labels(onehot, label_smoothing)
+        return optax.softmax_cross_entropy(logit_scale * logits, onehot).mean()
+
+    return loss
 
 
 def frozen_storage(model, params: Any, input_shape: tuple[int, ...],
@@ -113,7 +126,8 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def make_train_step(model, method, optimizer: optax.GradientTransformation, label_smoothing: float = 0.0,
+def make_train_step(model, method, optimizer: optax.GradientTransformation,
+                    loss: Callable[[jax.Array, jax.Array], jax.Array] = classification_loss(),
                     frozen_fn: Callable[[Any], Any] = lambda frozen: frozen) -> Callable:
     """The jitted step ``(state, frozen, x, y) -> (state, metrics)``.
 
@@ -134,12 +148,12 @@ def make_train_step(model, method, optimizer: optax.GradientTransformation, labe
                                                       mutable=list(model_state))
             else:
                 logits, new_model_state = model.apply({"params": params}, x, train=True), model_state
-            ce = _cross_entropy(logits, y, label_smoothing)
+            ce = loss(logits, y)
             penalty, aux = method.penalty(gates, state["method_state"], step)
             acc = jnp.mean(jnp.argmax(logits, -1) == y)
             return ce + penalty, (ce, acc, aux, new_model_state)
 
-        (loss, (ce, acc, aux, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["gates"])
+        (total, (ce, acc, aux, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["gates"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["gates"])
         gates = optax.apply_updates(state["gates"], updates)
         new_state = {
@@ -149,10 +163,10 @@ def make_train_step(model, method, optimizer: optax.GradientTransformation, labe
             "method_state": method.update_state(state["method_state"], aux),
             "model_state": new_model_state,
             # An overflow can poison the gates or the optimiser's moments while the loss still looks finite.
-            "finite": state["finite"] & jnp.isfinite(loss) & _all_finite((gates, opt_state)),
+            "finite": state["finite"] & jnp.isfinite(total) & _all_finite((gates, opt_state)),
             "rng": state["rng"],
         }
-        return new_state, {"loss": loss, "cross_entropy": ce, "train_accuracy": acc, **aux}
+        return new_state, {"loss": total, "cross_entropy": ce, "train_accuracy": acc, **aux}
 
     return jax.jit(step_fn, donate_argnums=(0,))
 
@@ -311,7 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if is_main:
             _truncate_metrics(metrics_path, int(state["step"]))
     state = sharding.replicate(state, run.mesh)
-    train_step = make_train_step(run.model, run.method, run.optimizer, config.label_smoothing, run.frozen_fn)
+    train_step = make_train_step(run.model, run.method, run.optimizer,
+                                 classification_loss(config.label_smoothing, config.logit_scale), run.frozen_fn)
 
     def log_metrics(record: dict[str, Any]) -> None:
         if is_main:
@@ -372,6 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "stochastic_val_accuracy": final["stochastic_val_accuracy"], "binary_gap": final["binary_gap"],
         "sparsity": final["sparsity"], "layer_sparsity": final["layer_sparsity"],
         "gated_weights": final["gated_weights"], "num_gates": gate_count(binary), "num_steps": run.num_steps,
+        "ticket_size": ticket_size(binary, final["gated_weights"]),
         "train_seconds": round(train_seconds, 2), "workdir": workdir,
     }
     if is_main:
@@ -380,10 +396,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "frozen_dtype": config.frozen_dtype,  # the ticket is defined on weights rounded to it
                 "dataset": config.dataset, "preprocessing": run.dataset.preprocessing,
                 "metrics": {k: summary[k] for k in ("val_accuracy", "test_accuracy", "sparsity", "binary_gap")},
-                "mask_bits": gate_count(binary), "gated_weights": final["gated_weights"],
-                "bits_per_gated_weight": gate_count(binary) / final["gated_weights"],
-                "dense_float32_bits_per_weight": 32}
-        save_ticket(os.path.join(workdir, "ticket"), meta, binary, jax.device_get(state["model_state"]))
+                "size": summary["ticket_size"]}
+        save_ticket(os.path.join(workdir, "ticket"), meta, binary, jax.device_get(state["model_state"]),
+                    coding=config.ticket_coding)
         if config.plots:
             summary["plots"] = write_run_plots(workdir, summary, jax.device_get(state["gates"]), binary)
         _write_json(os.path.join(workdir, "summary.json"), summary)

@@ -4,10 +4,13 @@ Loss, with d = mean over gates of P(z > 0) (the expected density, see ``slt_jax.
 
     L = CE(f(x; W0 * z)) + lambda * (d - d_target) + beta_t * mean g (1 - g)
 
-* ``lambda_mode="dual"``: d <= d_target = 1 - sparsity is a constraint and lambda >= 0 its
-  multiplier, updated by projected dual ascent after each step (Gallego-Posada et al. 2022):
-  ``lambda <- max(0, lambda + dual_lr * (d - d_target))``. ``"fixed"``: lambda is constant
-  (and d_target only shifts the loss by a constant).
+* ``lambda_mode="dual"``: the ticket's density b (the fraction of gates the binary rule keeps)
+  must not exceed d_target = 1 - sparsity, and lambda >= 0 is the multiplier, updated by
+  projected dual ascent after each step: ``lambda <- max(0, lambda + dual_lr * (b - d_target))``.
+  b is piecewise constant in the gates, so the gates' gradient comes from the smooth expected
+  density d (a proxy constraint, Cotter et al. 2019; Gallego-Posada et al. 2022) while the
+  multiplier answers to b itself: the ticket lands on the requested sparsity, not on a
+  surrogate of it. ``"fixed"``: lambda is constant (d_target only shifts the loss).
 * The temperature (sigma for the Gaussian gate) anneals geometrically from ``temp_start`` to
   ``temp_end``: less noise late in training lets gates settle.
 * The decision term (g = deterministic gate) ramps linearly from 0 to ``decision_weight`` over
@@ -81,13 +84,14 @@ class CRBG:
         indecision = gates_lib.indecision(gates, self.family)
         ramp = jnp.clip(2.0 * step / max(self.num_steps, 1) - 1.0, 0.0, 1.0)
         total = state["lambda"] * (density - (1.0 - self.sparsity)) + self.decision_weight * ramp * indecision
-        return total, {"expected_density": density, "indecision": indecision, "lambda": state["lambda"],
-                       "temp": self.temp(step)}
+        binary = sum(jnp.sum(m) for m in self.binary_masks(gates).values()) / gates_lib.gate_count(gates)
+        return total, {"expected_density": density, "binary_density": binary, "indecision": indecision,
+                       "lambda": state["lambda"], "temp": self.temp(step)}
 
     def update_state(self, state: dict[str, Array], aux: dict[str, Array]) -> dict[str, Array]:
         if self.lambda_mode == "fixed":
             return state
-        violation = aux["expected_density"] - (1.0 - self.sparsity)
+        violation = aux["binary_density"] - (1.0 - self.sparsity)
         return {"lambda": jnp.maximum(0.0, state["lambda"] + self.dual_lr * violation)}
 
     def binary_masks(self, gates: GateTree) -> GateTree:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from slt_jax.models.convnets import CONV_WIDTHS, ConvNet
+from slt_jax.models.convnets import ConvNet, conv_channels
 from slt_jax.models.inits import weight_init
 from slt_jax.models.mlp import MLP
 from slt_jax.models.resnet import RESNETS, ResNet
@@ -27,8 +27,12 @@ def _mlp(hidden):
 
 
 def _conv(depth):
-    return lambda spec, kinit: ConvNet(CONV_WIDTHS[depth], spec["num_classes"], spec.get("width", 1.0),
-                                       spec.get("use_bias", False), kinit)
+    def build(spec, kinit):
+        width = spec.get("width", 1.0)
+        return ConvNet(conv_channels(depth, width), spec["num_classes"], (int(256 * width),) * 2,
+                       spec.get("use_bias", False), kinit)
+
+    return build
 
 
 def _resnet(name, stem):

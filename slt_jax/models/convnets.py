@@ -1,6 +1,6 @@
 """Conv2 / Conv4 / Conv6 / Conv8 exactly as edge-popup defines them (Ramanujan et al. 2020).
 
-3x3 convolutions (padding 1, stride 1) with ReLU, 2x2 max-pool after each pair, then FC 256,
+3x3 convolutions (padding 1, stride 1) with ReLU, a 2x2 max-pool after each pair, then FC 256,
 256 and the classifier. No BatchNorm, no biases by default. ``width`` scales every layer.
 Conv2: 64,64,P; Conv4: +128,128,P; Conv6: +256,256,P; Conv8: +512,512,P.
 """
@@ -14,23 +14,30 @@ import jax
 CONV_WIDTHS = {2: (64,), 4: (64, 128), 6: (64, 128, 256), 8: (64, 128, 256, 512)}
 
 
+def conv_channels(depth: int, width: float = 1.0) -> tuple[int, ...]:
+    """Output channels of each convolution of ConvDEPTH: every stage's width twice."""
+    return tuple(int(c * width) for c in CONV_WIDTHS[depth] for _ in range(2))
+
+
 class ConvNet(nn.Module):
-    stages: Sequence[int]
+    """Convolutions with the given output channels (pooled after every second one), then Dense
+    layers of the given widths and the classifier. Per-layer widths let a structured ticket
+    compile to a narrower copy (``slt_jax.compaction``)."""
+
+    channels: Sequence[int]
     num_classes: int
-    width: float = 1.0
+    dense: Sequence[int] = (256, 256)
     use_bias: bool = False
     kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train
-        for channels in self.stages:
-            for _ in range(2):
-                x = nn.Conv(int(channels * self.width), (3, 3), padding=1, use_bias=self.use_bias,
-                            kernel_init=self.kernel_init)(x)
-                x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        for i, channels in enumerate(self.channels):
+            x = nn.relu(nn.Conv(channels, (3, 3), padding=1, use_bias=self.use_bias, kernel_init=self.kernel_init)(x))
+            if i % 2 == 1:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
-        for _ in range(2):
-            x = nn.relu(nn.Dense(int(256 * self.width), use_bias=self.use_bias, kernel_init=self.kernel_init)(x))
+        for width in self.dense:
+            x = nn.relu(nn.Dense(width, use_bias=self.use_bias, kernel_init=self.kernel_init)(x))
         return nn.Dense(self.num_classes, use_bias=self.use_bias, kernel_init=self.kernel_init)(x)
