@@ -3,6 +3,7 @@
     python run.py                                       # CRBG on the embedded digits
     python run.py --config configs/X.py --workdir DIR --config.sparsity=0.9
 """
+import logging
 import sys
 
 from absl import app, flags
@@ -51,7 +52,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv) -> None:
     del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax and tfds log routine events through absl...
+    logging.getLogger("slt_jax").setLevel(logging.WARNING)  # ...but ours, e.g. a skipped corrupt checkpoint, must show
     sys.exit(cli.run(_CONFIG.value, _WORKDIR.value))
 
 

@@ -324,7 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log.info("resuming from step %d", int(state["step"]))
         if is_main:
             _truncate_metrics(metrics_path, int(state["step"]))
-    state = sharding.replicate(state, run.mesh)
+    # The step donates the state, so every leaf needs a buffer of its own; restored leaves may share one.
+    state = jax.device_put(state, sharding.replicated(run.mesh), may_alias=False)
     train_step = make_train_step(run.model, run.method, run.optimizer,
                                  classification_loss(config.label_smoothing, config.logit_scale), run.frozen_fn)
 

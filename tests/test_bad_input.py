@@ -72,7 +72,9 @@ CASES = {
                             ["planet", "allowed", "layer"]),
     "bad_weight_init": (["--config.weight_init=zeros"], ["zeros", "allowed", "signed_kaiming"]),
     "bad_lr_schedule": (["--config.lr_schedule=sawtooth"], ["sawtooth", "allowed", "constant"]),
-    "unprepared_tfds": (["--config.dataset=tfds:surely_not_a_dataset"], ["surely_not_a_dataset"]),
+    "unknown_tfds": (["--config.dataset=tfds:surely_not_a_dataset"], ["surely_not_a_dataset", "allowed"]),
+    "unprepared_tfds": (["--config.dataset=tfds:mnist", "--config.tfds_data_dir={d}/no_tfds"],
+                        ["'mnist' is not prepared", "tfds build mnist"]),
 }
 
 
