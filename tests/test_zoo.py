@@ -101,7 +101,9 @@ def test_configs_follow_the_reference_recipes():
         assert f"python run.py --config configs/{name}.py" in doc, name
 
 
-@pytest.mark.parametrize("model,shape,width", TINY[1:])  # resnet18: the ticket round-trip test trains it
+# One architecture through the harness's Run: its eager per-leaf init dominates test time (minutes
+# for the deep ones on 2 busy cores). ResNet-18 trains end to end in the ticket round-trip test.
+@pytest.mark.parametrize("model,shape,width", [t for t in TINY if t[0] == "vit_tiny"])
 def test_model_trains_evaluates_and_keeps_frozen_weights(model, shape, width, tiny_config, tmp_path):
     c = tiny_config
     with c.unlocked():
