@@ -43,9 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.crbg.family = "gaussian"
     c.crbg.lambda_mode = "dual"
     c.crbg.lam = 0.0
-    c.crbg.dual_lr = 0.05
+    c.crbg.dual_lr = 0.05  # integral gain of the multiplier's PI controller (plain dual ascent's step)
+    c.crbg.dual_kp = 100.0  # proportional gain (0: plain dual ascent)
     c.crbg.temp_start = 0.5
-    c.crbg.temp_end = 0.1
+    c.crbg.temp_end = 0.5  # no anneal by default: the penalty keeps its gradient for open gates
     c.crbg.decision_weight = 1.0
 
     c.edgepopup = ml_collections.ConfigDict()

@@ -12,8 +12,9 @@ def get_config():
     c.dataset = "npz:../shared/data/mnist_train.npz"
     c.sparsity = 0.9
     c.batch_size = 128
-    c.num_epochs = 10
+    c.num_epochs = 20
     c.learning_rate = 0.05
+    c.logit_scale = 5.0  # the loss's temperature; a 90%-sparse LeNet's logits are tiny
     c.eval_every = 1000
     c.log_every = 50
     c.checkpoint_every = 1000

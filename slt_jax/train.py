@@ -231,13 +231,16 @@ class Run:
                                           config.structured)
         self.method = create_method(config)
         self.optimizer = self.method.optimizer()
-        self.base_key = jax.random.PRNGKey(config.seed)
+        # Three independent streams, none of them the weights' key PRNGKey(seed): gate init,
+        # training noise (folded with the step), and the evaluation's sample of the training masks.
+        self.init_key, self.train_key, self.eval_key = jax.random.split(
+            jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), 3)
 
     def initial_state(self) -> dict[str, Any]:
-        gates = self.method.init(jax.random.fold_in(self.base_key, 1), self.shapes)
+        gates = self.method.init(self.init_key, self.shapes)
         return {"step": jnp.int32(0), "gates": gates, "opt_state": self.optimizer.init(gates),
                 "method_state": self.method.init_state(), "model_state": self.initial_model_state,
-                "finite": jnp.bool_(True), "rng": jnp.array(self.base_key)}  # a copy: the step donates it
+                "finite": jnp.bool_(True), "rng": jnp.array(self.train_key)}  # a copy: the step donates it
 
     def evaluate(self, state: dict[str, Any], splits: tuple[str, ...] = ("val",)) -> dict[str, Any]:
         """Binary-ticket accuracy per split, sparsity, and the stochastic network's accuracy."""
@@ -250,7 +253,7 @@ class Run:
             if self.dataset.has_split(split):
                 out[f"{split}_accuracy"] = _accuracy(ev, ticket_params, state["model_state"], self.dataset, split,
                                                      cfg.eval_batch_size, self.mesh)
-        sample = self.method.train_masks(state["gates"], jax.random.fold_in(self.base_key, 2), state["step"])
+        sample = self.method.train_masks(state["gates"], self.eval_key, state["step"])
         stochastic = masking.apply_masks(frozen, sample)
         out["stochastic_val_accuracy"] = _accuracy(ev, stochastic, state["model_state"], self.dataset, "val",
                                                    cfg.eval_batch_size, self.mesh)

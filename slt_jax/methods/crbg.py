@@ -5,12 +5,18 @@ Loss, with d = mean over gates of P(z > 0) (the expected density, see ``slt_jax.
     L = CE(f(x; W0 * z)) + lambda * (d - d_target) + beta_t * mean g (1 - g)
 
 * ``lambda_mode="dual"``: the ticket's density b (the fraction of gates the binary rule keeps)
-  must not exceed d_target = 1 - sparsity, and lambda >= 0 is the multiplier, updated by
-  projected dual ascent after each step: ``lambda <- max(0, lambda + dual_lr * (b - d_target))``.
-  b is piecewise constant in the gates, so the gates' gradient comes from the smooth expected
-  density d (a proxy constraint, Cotter et al. 2019; Gallego-Posada et al. 2022) while the
-  multiplier answers to b itself: the ticket lands on the requested sparsity, not on a
-  surrogate of it. ``"fixed"``: lambda is constant (d_target only shifts the loss).
+  must not exceed d_target = 1 - sparsity, and lambda >= 0 is the multiplier. b is piecewise
+  constant in the gates, so the gates' gradient comes from the smooth expected density d (a
+  proxy constraint, Cotter et al. 2019; Gallego-Posada et al. 2022) while the multiplier answers
+  to b itself, so the ticket lands on the requested sparsity rather than on a surrogate of it.
+  The multiplier is a PI controller of the violation e = b - d_target (Sohrabi et al. 2024)::
+
+      I <- max(0, I + dual_lr * e),    lambda = max(0, I + dual_kp * e)
+
+  ``dual_kp = 0`` is plain projected dual ascent; the proportional term lets lambda fall as soon
+  as the density undershoots, instead of after the integral has unwound, which is what made
+  plain dual ascent overshoot the target by several points.
+  ``"fixed"``: lambda = ``lam`` throughout (d_target only shifts the loss).
 * The temperature (sigma for the Gaussian gate) anneals geometrically from ``temp_start`` to
   ``temp_end``: less noise late in training lets gates settle.
 * The decision term (g = deterministic gate) ramps linearly from 0 to ``decision_weight`` over
@@ -44,6 +50,7 @@ class CRBG:
     lambda_mode: str = "dual"
     lam: float = 0.0
     dual_lr: float = 0.05
+    dual_kp: float = 0.0
     temp_start: float = 0.5
     temp_end: float = 0.5
     decision_weight: float = 0.0
@@ -62,7 +69,7 @@ class CRBG:
     def from_config(cls, config: Any) -> "CRBG":
         c = config.crbg
         return cls(num_steps=config.num_steps, sparsity=config.sparsity, family=c.family,
-                   lambda_mode=c.lambda_mode, lam=c.lam, dual_lr=c.dual_lr, temp_start=c.temp_start,
+                   lambda_mode=c.lambda_mode, lam=c.lam, dual_lr=c.dual_lr, dual_kp=c.dual_kp, temp_start=c.temp_start,
                    temp_end=c.temp_end, decision_weight=c.decision_weight,
                    learning_rate=config.learning_rate, lr_schedule=config.lr_schedule)
 
@@ -74,7 +81,8 @@ class CRBG:
         return gates_lib.init_gates(key, shapes, self.family)
 
     def init_state(self) -> dict[str, Array]:
-        return {"lambda": jnp.asarray(self.lam, jnp.float32)}
+        # Two separate buffers: the train step donates its state, and one buffer cannot be donated twice.
+        return {"lambda": jnp.full((), self.lam, jnp.float32), "integral": jnp.full((), self.lam, jnp.float32)}
 
     def train_masks(self, gates: GateTree, key: Array, step: Array) -> GateTree:
         return gates_lib.sample_gates(key, gates, self.temp(step), self.family)
@@ -92,7 +100,8 @@ class CRBG:
         if self.lambda_mode == "fixed":
             return state
         violation = aux["binary_density"] - (1.0 - self.sparsity)
-        return {"lambda": jnp.maximum(0.0, state["lambda"] + self.dual_lr * violation)}
+        integral = jnp.maximum(0.0, state["integral"] + self.dual_lr * violation)
+        return {"lambda": jnp.maximum(0.0, integral + self.dual_kp * violation), "integral": integral}
 
     def binary_masks(self, gates: GateTree) -> GateTree:
         return gates_lib.binary_mask(gates, self.family)
