@@ -141,11 +141,20 @@ def sample_gates(key: Array, logits: GateTree, temp: float | Array, family: str 
     return {name: fam.sample(keys[name], p, temp) for name, p in logits.items()}
 
 
-def expected_density(logits: GateTree, temp: float | Array, family: str = "gaussian") -> Array:
-    """Mean of P(z > 0) over every gate: the expected L0 norm divided by the number of gates."""
+def weighted_density(per_gate: GateTree, weights: dict[str, float] | None = None) -> Array:
+    """sum_leaf w_leaf * sum(values) / sum_leaf w_leaf * size: the mean of per-gate values in [0, 1],
+    each gate counted ``weights[leaf]`` times (e.g. the number of weights it removes; default 1)."""
+    w = weights or {}
+    total = sum(w.get(n, 1.0) * jnp.sum(v) for n, v in per_gate.items())
+    return total / sum(w.get(n, 1.0) * v.size for n, v in per_gate.items())
+
+
+def expected_density(logits: GateTree, temp: float | Array, family: str = "gaussian",
+                     weights: dict[str, float] | None = None) -> Array:
+    """Mean of P(z > 0) over gates (weighted as ``weighted_density``): the expected L0 norm of the
+    gated weights divided by their number."""
     fam = get_family(family)
-    total = sum(jnp.sum(fam.prob_open(p, temp)) for p in logits.values())
-    return total / gate_count(logits)
+    return weighted_density({n: fam.prob_open(p, temp) for n, p in logits.items()}, weights)
 
 
 def deterministic_gates(logits: GateTree, family: str = "gaussian") -> GateTree:

@@ -17,6 +17,7 @@ goes straight into ``model.apply``.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -90,6 +91,18 @@ def full_masks(params: Params, masks: GateTree) -> dict[str, Array | None]:
     """Every leaf's mask by path name: its gate, its kernel's structured gate (biases), or None."""
     leaves = named_leaves(params)
     return {name: masks[name] if name in masks else _bias_partner(name, masks, leaves) for name in leaves}
+
+
+def weights_per_gate(params: Params, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
+    """How many weights one gate of each gated leaf removes: 1 per weight unstructured; a unit's
+    fan-in (plus its bias, if gated with it) structured. Densities weighted by it count weights."""
+    leaves = named_leaves(params)
+    out = {name: float(np.size(leaves[name]) / math.prod(shape)) for name, shape in shapes.items()}
+    ones = {name: np.ones(shape, bool) for name, shape in shapes.items()}
+    for name, m in full_masks(params, ones).items():
+        if m is not None and name not in shapes:  # a bias closed by its kernel's structured gate
+            out[name[: -len("bias")] + "kernel"] += float(np.size(leaves[name]) / m.size)
+    return out
 
 
 def apply_masks(params: Params, masks: GateTree) -> Params:

@@ -227,9 +227,9 @@ class Run:
         self.frozen = sharding.replicate(stored, self.mesh)  # the step's ``frozen`` input
         self.frozen_params = jax.jit(self.frozen_fn)
         self.initial_model_state = variables
-        self.shapes = masking.gate_shapes(jax.eval_shape(self.frozen_params, self.frozen), config.gate_policy,
-                                          config.structured)
-        self.method = create_method(config)
+        frozen_shapes = jax.eval_shape(self.frozen_params, self.frozen)
+        self.shapes = masking.gate_shapes(frozen_shapes, config.gate_policy, config.structured)
+        self.method = create_method(config, masking.weights_per_gate(frozen_shapes, self.shapes))
         self.optimizer = self.method.optimizer()
         # Three independent streams, none of them the weights' key PRNGKey(seed): gate init,
         # training noise (folded with the step), and the evaluation's sample of the training masks.

@@ -188,3 +188,10 @@ def test_a_users_linen_model_is_ticketed_end_to_end(method):
         expected = np.where(binary[name], w, 0) if name in binary else np.asarray(w)
         np.testing.assert_array_equal(t, expected)
     assert model.apply({"params": ticket}, x).shape == (64, 3)
+
+
+def test_weights_per_gate_counts_what_one_gate_removes():
+    params = {"Dense_0": {"kernel": np.zeros((784, 300)), "bias": np.zeros(300)}, "Dense_1": {"kernel": np.zeros((300, 10))}}
+    assert masking.weights_per_gate(params, masking.gate_shapes(params)) == {"Dense_0/kernel": 1.0, "Dense_1/kernel": 1.0}
+    structured = masking.weights_per_gate(params, masking.gate_shapes(params, structured=True))
+    assert structured == {"Dense_0/kernel": 785.0, "Dense_1/kernel": 300.0}  # fan-in, plus the unit's bias

@@ -38,8 +38,9 @@ class Method(Protocol):
 METHODS = {"crbg": CRBG, "edgepopup": EdgePopup}
 
 
-def create_method(config: Any) -> Method:
-    """Builds the method named ``config.method`` from a run config."""
+def create_method(config: Any, weights_per_gate: dict[str, float] | None = None) -> Method:
+    """Builds the method named ``config.method`` from a run config; ``weights_per_gate`` (from
+    ``slt_jax.masking.weights_per_gate``) lets densities count weights rather than gates."""
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; allowed: {', '.join(sorted(METHODS))}")
-    return METHODS[config.method].from_config(config)
+    return METHODS[config.method].from_config(config, weights_per_gate)

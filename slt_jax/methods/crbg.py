@@ -4,7 +4,11 @@ Loss, with d = mean over gates of P(z > 0) (the expected density, see ``slt_jax.
 
     L = CE(f(x; W0 * z)) + lambda * (d - d_target) + beta_t * mean g (1 - g)
 
-* ``lambda_mode="dual"``: the ticket's density b (the fraction of gates the binary rule keeps)
+Densities count weights: a gate weighs as many weights as it removes (``weights_per_gate``; 1
+per gate unstructured, a unit's fan-in structured), so ``sparsity`` means the fraction of gated
+weights removed either way.
+
+* ``lambda_mode="dual"``: the ticket's density b (the fraction of weights the binary rule keeps)
   must not exceed d_target = 1 - sparsity, and lambda >= 0 is the multiplier. b is piecewise
   constant in the gates, so the gates' gradient comes from the smooth expected density d (a
   proxy constraint, Cotter et al. 2019; Gallego-Posada et al. 2022) while the multiplier answers
@@ -56,6 +60,7 @@ class CRBG:
     decision_weight: float = 0.0
     learning_rate: float = 0.01
     lr_schedule: str = "constant"
+    weights_per_gate: dict[str, float] | None = None
     name: str = "crbg"
 
     def __post_init__(self):
@@ -66,12 +71,13 @@ class CRBG:
             raise ValueError(f"temperatures must be > 0, got temp_start={self.temp_start}, temp_end={self.temp_end}")
 
     @classmethod
-    def from_config(cls, config: Any) -> "CRBG":
+    def from_config(cls, config: Any, weights_per_gate: dict[str, float] | None = None) -> "CRBG":
         c = config.crbg
         return cls(num_steps=config.num_steps, sparsity=config.sparsity, family=c.family,
                    lambda_mode=c.lambda_mode, lam=c.lam, dual_lr=c.dual_lr, dual_kp=c.dual_kp, temp_start=c.temp_start,
                    temp_end=c.temp_end, decision_weight=c.decision_weight,
-                   learning_rate=config.learning_rate, lr_schedule=config.lr_schedule)
+                   learning_rate=config.learning_rate, lr_schedule=config.lr_schedule,
+                   weights_per_gate=weights_per_gate)
 
     def temp(self, step: Array) -> Array:
         frac = jnp.clip(step / max(self.num_steps - 1, 1), 0.0, 1.0)
@@ -88,11 +94,11 @@ class CRBG:
         return gates_lib.sample_gates(key, gates, self.temp(step), self.family)
 
     def penalty(self, gates: GateTree, state: dict[str, Array], step: Array) -> tuple[Array, dict[str, Array]]:
-        density = gates_lib.expected_density(gates, self.temp(step), self.family)
+        density = gates_lib.expected_density(gates, self.temp(step), self.family, self.weights_per_gate)
         indecision = gates_lib.indecision(gates, self.family)
         ramp = jnp.clip(2.0 * step / max(self.num_steps, 1) - 1.0, 0.0, 1.0)
         total = state["lambda"] * (density - (1.0 - self.sparsity)) + self.decision_weight * ramp * indecision
-        binary = sum(jnp.sum(m) for m in self.binary_masks(gates).values()) / gates_lib.gate_count(gates)
+        binary = gates_lib.weighted_density(self.binary_masks(gates), self.weights_per_gate)
         return total, {"expected_density": density, "binary_density": binary, "indecision": indecision,
                        "lambda": state["lambda"], "temp": self.temp(step)}
 

@@ -76,7 +76,10 @@ class EdgePopup:
             raise ValueError(f"unknown edge-popup scope {self.scope!r}; allowed: {', '.join(SCOPES)}")
 
     @classmethod
-    def from_config(cls, config: Any) -> "EdgePopup":
+    def from_config(cls, config: Any, weights_per_gate: dict[str, float] | None = None) -> "EdgePopup":
+        # Top-k counts gates. Within one leaf every gate removes the same number of weights, so
+        # per layer a fraction of gates is that fraction of weights; ``weights_per_gate`` is unused.
+        del weights_per_gate
         c = config.edgepopup
         return cls(num_steps=config.num_steps, sparsity=config.sparsity, scope=c.scope,
                    learning_rate=config.learning_rate, lr_schedule=config.lr_schedule,
