@@ -16,23 +16,11 @@ Smoke test (any machine, a few seconds to a minute)::
 """
 import ml_collections
 
-from configs import default
+from configs import cifar10_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = default.get_config()
+    c = cifar10_recipe.get_config()
     c.model = "vit_base"
-    c.method = "crbg"
-    c.dataset = "tfds:cifar10"
     c.sparsity = 0.9
-    c.batch_size = 128
-    c.num_epochs = 100
-    c.lr_schedule = "cosine"
-    c.learning_rate = 0.01
-    c.augment = "cifar"
-    c.synthetic_shape = (32, 32, 3)
-    c.eval_batch_size = 500
-    c.log_every = 100
-    c.eval_every = 1750  # ~5 epochs
-    c.checkpoint_every = 1750
     return c

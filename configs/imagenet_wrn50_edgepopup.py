@@ -17,27 +17,14 @@ Smoke test (any machine, a few seconds to a minute)::
 """
 import ml_collections
 
-from configs import default
+from configs import imagenet_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = default.get_config()
+    c = imagenet_recipe.get_config()
     c.model = "wrn50_2_imagenet"
     c.method = "edgepopup"
-    c.dataset = "tfds:imagenet2012"
-    c.sparsity = 0.7
-    c.batch_size = 256
-    c.num_epochs = 100
-    c.lr_schedule = "cosine"
     c.learning_rate = 0.256
     c.edgepopup.momentum = 0.875
     c.edgepopup.weight_decay = 3.05e-05
-    c.label_smoothing = 0.1
-    c.augment = "imagenet"
-    c.val_fraction = 0.01  # 12,811 held-out training images; test = the official validation set
-    c.synthetic_shape = (224, 224, 3)
-    c.eval_batch_size = 250
-    c.log_every = 100
-    c.eval_every = 5000
-    c.checkpoint_every = 2500
     return c
