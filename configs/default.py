@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.learning_rate = 0.05
     c.lr_schedule = "constant"
+    c.warmup_epochs = 0.0  # linear learning-rate warm-up before the schedule
     c.label_smoothing = 0.0
     c.logit_scale = 1.0  # temperature of the loss only (see slt_jax.train.classification_loss)
 

@@ -1,5 +1,5 @@
 """ImageNet recipe shared by the imagenet_* configs: edge-popup's schedule (cosine over 100
-epochs, batch 256, label smoothing 0.1, random-resized crop + flip) on a prepared
+epochs after 5 warm-up epochs, batch 256, label smoothing 0.1, random-resized crop + flip) on a prepared
 tfds:imagenet2012, with CRBG's optimiser (Adam lr 0.01 on the gates). Each experiment's config sets
 its model, method and sparsity on top.
 """
@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 100
     c.lr_schedule = "cosine"
     c.learning_rate = 0.01
+    c.warmup_epochs = 5.0
     c.label_smoothing = 0.1
     c.augment = "imagenet"
     c.val_fraction = 0.01  # 12,811 held-out training images; test = the official validation set

@@ -218,6 +218,7 @@ class Run:
         self.num_steps = config.num_steps or config.num_epochs * self.dataset.steps_per_epoch(config.batch_size)
         with config.unlocked():
             config.num_steps = int(self.num_steps)
+            config.warmup_steps = int(config.warmup_epochs * self.dataset.steps_per_epoch(config.batch_size))
         self.mesh = sharding.make_mesh(config.num_devices)
         sharding.check_batch_size(config.batch_size, self.mesh)
         self.spec = model_spec(config, self.dataset.num_classes)

@@ -178,3 +178,18 @@ def test_a_short_run_of_each_method_is_well_above_chance(method, tiny_config, tm
     assert summary["val_accuracy"] > 0.5  # chance is 0.1
     if method == "edgepopup":  # edge-popup's sparsity is exact by construction
         assert summary["sparsity"] == pytest.approx(tiny_config.sparsity, abs=1e-3)
+
+
+def test_warmup_epochs_ramp_the_learning_rate_linearly(tiny_config, tmp_path):
+    import json
+
+    from slt_jax.methods.schedules import learning_rate_schedule
+    from slt_jax.train import train_and_evaluate
+
+    schedule = learning_rate_schedule("cosine", 0.1, num_steps=100, warmup_steps=10)
+    assert float(schedule(0)) == 0.0 and abs(float(schedule(5)) - 0.05) < 1e-7 and abs(float(schedule(10)) - 0.1) < 1e-7
+    tiny_config.warmup_epochs = 1.0
+    tiny_config.num_steps = 2
+    train_and_evaluate(tiny_config, str(tmp_path))
+    # digits: about 1,290 training images at batch 64 -> 20 steps per epoch
+    assert json.load(open(tmp_path / "config.json"))["warmup_steps"] == 20

@@ -60,6 +60,7 @@ class CRBG:
     decision_weight: float = 0.0
     learning_rate: float = 0.01
     lr_schedule: str = "constant"
+    warmup_steps: int = 0
     weights_per_gate: dict[str, float] | None = None
     name: str = "crbg"
 
@@ -77,6 +78,7 @@ class CRBG:
                    lambda_mode=c.lambda_mode, lam=c.lam, dual_lr=c.dual_lr, dual_kp=c.dual_kp, temp_start=c.temp_start,
                    temp_end=c.temp_end, decision_weight=c.decision_weight,
                    learning_rate=config.learning_rate, lr_schedule=config.lr_schedule,
+                   warmup_steps=config.get("warmup_steps", 0),
                    weights_per_gate=weights_per_gate)
 
     def temp(self, step: Array) -> Array:
@@ -113,4 +115,4 @@ class CRBG:
         return gates_lib.binary_mask(gates, self.family)
 
     def optimizer(self) -> optax.GradientTransformation:
-        return optax.adam(learning_rate_schedule(self.lr_schedule, self.learning_rate, self.num_steps))
+        return optax.adam(learning_rate_schedule(self.lr_schedule, self.learning_rate, self.num_steps, self.warmup_steps))

@@ -67,6 +67,7 @@ class EdgePopup:
     scope: str = "layer"
     learning_rate: float = 0.1
     lr_schedule: str = "cosine"
+    warmup_steps: int = 0
     momentum: float = 0.9
     weight_decay: float = 1e-4
     name: str = "edgepopup"
@@ -83,6 +84,7 @@ class EdgePopup:
         c = config.edgepopup
         return cls(num_steps=config.num_steps, sparsity=config.sparsity, scope=c.scope,
                    learning_rate=config.learning_rate, lr_schedule=config.lr_schedule,
+                   warmup_steps=config.get("warmup_steps", 0),
                    momentum=c.momentum, weight_decay=c.weight_decay)
 
     def init(self, key: Array, shapes: dict[str, tuple[int, ...]]) -> GateTree:
@@ -113,5 +115,5 @@ class EdgePopup:
         return top_k_masks(gates, 1.0 - self.sparsity, self.scope)
 
     def optimizer(self) -> optax.GradientTransformation:
-        lr = learning_rate_schedule(self.lr_schedule, self.learning_rate, self.num_steps)
+        lr = learning_rate_schedule(self.lr_schedule, self.learning_rate, self.num_steps, self.warmup_steps)
         return optax.chain(optax.add_decayed_weights(self.weight_decay), optax.sgd(lr, momentum=self.momentum))
