@@ -76,6 +76,9 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    # Zoom on the informative range; a run at chance level is drawn on the bottom edge as a "v".
+    accuracies = [r["val_accuracy"] * 100 for r in rows]
+    floor = max(min(a for a in accuracies if a > 50) - 1.0, 50) if any(a > 50 for a in accuracies) else 0
     for v in VARIANTS:
         g = defaultdict(list)
         for r in rows:
@@ -86,9 +89,14 @@ def plot(rows: list[dict], path: str) -> None:
         ts = sorted(g)
         x = [np.mean([r["sparsity"] for r in g[t]]) * 100 for t in ts]
         acc = [np.array([r["val_accuracy"] for r in g[t]]) * 100 for t in ts]
-        ax.errorbar(x, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o", capsize=3, label=v)
+        means = np.array([a.mean() for a in acc])
+        line = ax.errorbar(x, np.maximum(means, floor), yerr=[a.std() for a in acc], marker="o", capsize=3, label=v)
+        low = means < floor
+        if low.any():
+            ax.plot(np.array(x)[low], np.full(low.sum(), floor), "v", color=line[0].get_color(), markersize=10)
+    ax.set_ylim(bottom=floor)
     ax.set_xlabel("sparsity of the binary ticket (% of gated weights removed)")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel("validation accuracy (%); v: below the axis")
     ax.set_title("LeNet-300-100 on MNIST: binary tickets")
     ax.grid(alpha=0.3)
     ax.legend()
