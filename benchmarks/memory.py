@@ -27,7 +27,7 @@ import jax  # noqa: E402
 
 from slt_jax import sharding  # noqa: E402
 from slt_jax.train import Run, make_train_step  # noqa: E402
-from step_time import batch, bench_config, median_ms, method_step  # noqa: E402
+from step_time import bench_config, first_batch, median_ms, method_step  # noqa: E402
 
 OPTIONS = {"float32": {"frozen_dtype": "float32"}, "bfloat16": {"frozen_dtype": "bfloat16"},
            "regenerated": {"regenerate_frozen": True}}
@@ -53,7 +53,7 @@ def compiled_bytes(run: Run) -> dict[str, int]:
     """XLA's accounting of the compiled CRBG step: its inputs, and its scratch space."""
     step = make_train_step(run.model, run.method, run.optimizer, frozen_fn=run.frozen_fn)
     state = sharding.replicate(run.initial_state(), run.mesh)
-    x, y = batch(run)
+    x, y = first_batch(run)
     analysis = step.lower(state, run.frozen, x, y).compile().memory_analysis()
     return {"argument_bytes": int(analysis.argument_size_in_bytes), "temp_bytes": int(analysis.temp_size_in_bytes)}
 

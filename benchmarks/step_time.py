@@ -1,4 +1,4 @@
-"""Median train-step time: dense weight training vs CRBG vs edge-popup, batch 128, synthetic data.
+"""Median train-step time: dense weight training vs CRBG vs edge-popup, batch 128 (``--batch``), synthetic data.
 
     python benchmarks/step_time.py            # a table
     python benchmarks/step_time.py --json     # one JSON line
@@ -11,7 +11,8 @@ same Flax model with the same loss and Adam, as an ordinary Flax training step w
 
 Each step is compiled and warmed up first; every timed call ends with ``block_until_ready``.
 If PyTorch is importable, the same architecture's dense and edge-popup steps in plain PyTorch
-are timed too, clearly labelled ``torch_*``: a reference for what this CPU can do.
+are timed too (after ours, never interleaved with them), clearly labelled ``torch_*``: a
+reference for what this CPU can do.
 """
 from __future__ import annotations
 
@@ -35,16 +36,16 @@ from configs import default  # noqa: E402
 from slt_jax import sharding  # noqa: E402
 from slt_jax.train import Run, classification_loss, make_train_step  # noqa: E402
 
-BATCH = 128
+BATCH = 128  # the default; --batch changes it
 INPUT_SHAPES = {"lenet300": (28, 28, 1), "conv4": (32, 32, 3)}
 
 
-def bench_config(model: str, method: str, **overrides: Any) -> ml_collections.ConfigDict:
+def bench_config(model: str, method: str, batch: int = BATCH, **overrides: Any) -> ml_collections.ConfigDict:
     c = default.get_config()
     c.model, c.method, c.dataset = model, method, "synthetic"
     c.synthetic_shape = INPUT_SHAPES[model]
-    c.synthetic_size = 2 * BATCH
-    c.batch_size, c.num_epochs, c.num_steps = BATCH, 0, 1000
+    c.synthetic_size = 2 * batch
+    c.batch_size, c.num_epochs, c.num_steps = batch, 0, 1000
     c.num_devices, c.progress, c.plots = 1, False, False
     c.sparsity = 0.5
     for k, v in overrides.items():
@@ -70,8 +71,8 @@ def median_ms(steps: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def batch(run: Run) -> tuple[jax.Array, jax.Array]:
-    x, y = run.dataset.train_batch(0, 0, BATCH)
+def first_batch(run: Run) -> tuple[jax.Array, jax.Array]:
+    x, y = run.dataset.train_batch(0, 0, run.config.batch_size)
     return sharding.shard_batch((x, y), run.mesh)
 
 
@@ -79,7 +80,7 @@ def method_step(run: Run) -> Callable[[], Any]:
     """One call of the project's jitted step, state threaded through (it is donated)."""
     train_step = make_train_step(run.model, run.method, run.optimizer, frozen_fn=run.frozen_fn)
     state = sharding.replicate(run.initial_state(), run.mesh)
-    x, y = batch(run)
+    x, y = first_batch(run)
     holder = [state]
 
     def step():
@@ -105,7 +106,7 @@ def dense_step(run: Run) -> Callable[[], Any]:
 
     params = run.frozen_params(run.frozen)
     holder = [params, opt.init(params)]
-    x, y = batch(run)
+    x, y = first_batch(run)
 
     def step():
         holder[0], holder[1], metrics = train_step(holder[0], holder[1], x, y)
@@ -114,7 +115,7 @@ def dense_step(run: Run) -> Callable[[], Any]:
     return step
 
 
-def torch_steps(model: str) -> dict[str, Callable[[], Any]]:
+def torch_steps(model: str, batch: int = BATCH) -> dict[str, Callable[[], Any]]:
     """Reference steps in plain PyTorch (NCHW), if torch is importable: the same architecture's
     dense Adam step, and edge-popup as its reference code does it (a full sort of |scores| per
     layer per forward, straight-through backward, SGD with momentum on the scores)."""
@@ -167,8 +168,8 @@ def torch_steps(model: str) -> dict[str, Callable[[], Any]]:
             layers += [wrap(nn.Linear(a, b, bias=False))] + ([nn.ReLU()] if i < len(dims) - 2 else [])
         return nn.Sequential(*layers)
 
-    x = torch.randn(BATCH, *((1, 28, 28) if model == "lenet300" else (3, 32, 32)))
-    y = torch.randint(0, 10, (BATCH,))
+    x = torch.randn(batch, *((1, 28, 28) if model == "lenet300" else (3, 32, 32)))
+    y = torch.randint(0, 10, (batch,))
 
     def step_of(module: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], Any]:
         def step():
@@ -183,12 +184,14 @@ def torch_steps(model: str) -> dict[str, Callable[[], Any]]:
                                                                  0.1, momentum=0.9))}
 
 
-def measure(model: str, reps: int) -> dict[str, float]:
-    runs = {m: Run(bench_config(model, m), "") for m in ("crbg", "edgepopup")}
+def measure(model: str, reps: int, batch: int = BATCH) -> dict[str, float]:
+    runs = {m: Run(bench_config(model, m, batch), "") for m in ("crbg", "edgepopup")}
     steps = {"dense_ms": dense_step(runs["crbg"]), "crbg_ms": method_step(runs["crbg"]),
              "edgepopup_ms": method_step(runs["edgepopup"])}
-    steps.update(torch_steps(model))
     out = median_ms(steps, reps)
+    # Timed apart from ours: PyTorch's OpenMP threads keep spinning after each op and would steal
+    # the cores from the XLA step that follows (interleaved, they made our dense Conv4 step 1.7x slower).
+    out.update(median_ms(torch_steps(model, batch), reps))
     out["crbg_over_dense"] = out["crbg_ms"] / out["dense_ms"]
     out["edgepopup_over_dense"] = out["edgepopup_ms"] / out["dense_ms"]
     if "torch_dense_ms" in out:
@@ -201,13 +204,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     parser.add_argument("--models", default="lenet300,conv4", help="comma-separated: lenet300, conv4")
+    parser.add_argument("--batch", type=int, default=BATCH, help="global batch size")
     parser.add_argument("--reps", type=int, default=100, help="timed steps per measurement")
     args = parser.parse_args()
-    results = {m: measure(m, args.reps) for m in args.models.split(",")}
+    results = {m: measure(m, args.reps, args.batch) for m in args.models.split(",")}
     if args.json:
         print(json.dumps(results))
         return
-    print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, batch {BATCH}, median of {args.reps} steps (ms)")
+    print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, batch {args.batch}, median of {args.reps} steps (ms)")
     for m, r in results.items():
         print(f"{m}:")
         for k, v in r.items():

@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Which leaves carry gates, and one gate per weight or per output unit.
     c.gate_policy = DEFAULT_POLICY
     c.structured = False
+    c.structured_policy = ""  # with structured: regex of the gated leaves that get unit gates ("" = all);
+    # the other gated leaves keep one gate per weight
     c.ticket_coding = "packbits"  # how ticket/mask.npz stores the mask: "packbits" or "golomb"
 
     c.crbg = ml_collections.ConfigDict()

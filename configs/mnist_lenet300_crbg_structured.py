@@ -4,8 +4,10 @@
         --config.dataset=npz:../shared/data/mnist_train.npz --workdir runs/mnist_crbg_structured
 
 A closed gate removes a hidden unit with all its incoming weights; sparsity counts those. The
-classifier's units are not gated (closing one would delete a class), so the gated weights are the
-two hidden layers' 265,200 of 266,200. The ticket compiles to a narrower dense LeNet
+classifier's units cannot be removed (closing one would delete a class), so its 1,000 weights keep
+one gate each (``structured_policy`` picks the leaves with unit gates); with unit gates only on the
+hidden layers and an ungated classifier, validation accuracy was 60% at 67% sparsity, with gates
+per classifier weight 77% at 50% (10 epochs). The ticket compiles to a narrower dense LeNet
 (``slt_jax.compaction``; benchmarks/compaction.py).
 """
 from configs import mnist_lenet300_crbg
@@ -14,6 +16,6 @@ from configs import mnist_lenet300_crbg
 def get_config():
     c = mnist_lenet300_crbg.get_config()
     c.structured = True
-    c.gate_policy = r"^Dense_[01]/kernel$"
+    c.structured_policy = r"^Dense_[01]/kernel$"
     c.sparsity = 0.5
     return c

@@ -46,22 +46,35 @@ def named_leaves(params: Params) -> dict[str, Array]:
     return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool = False) -> dict[str, tuple[int, ...]]:
+def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool = False,
+                structured_policy: str = "") -> dict[str, tuple[int, ...]]:
     """Shapes of the gate arrays for the leaves whose path name matches the regex ``policy``.
 
     The default policy gates every kernel (Dense, Conv, attention), first and last layer included.
     Structured gates have shape (1, ..., 1, out): one per output unit or channel; attention
-    projections get one per head (see the module docstring).
+    projections get one per head (see the module docstring). With ``structured``, the regex
+    ``structured_policy`` picks the gated leaves that get them ("" = all); the other gated leaves
+    keep one gate per weight (e.g. the classifier, whose units cannot be removed without removing
+    a class, but whose weights can).
     """
-    pattern = re.compile(policy)
+    pattern = _regex("gate_policy", policy)
+    unit_pattern = _regex("structured_policy", structured_policy)
     shapes = {}
     for name, leaf in named_leaves(params).items():
         if pattern.search(name) and np.ndim(leaf) >= 1:
             shape = tuple(np.shape(leaf))
-            shapes[name] = _structured_shape(name, shape) if structured else shape
+            per_unit = structured and unit_pattern.search(name)
+            shapes[name] = _structured_shape(name, shape) if per_unit else shape
     if not shapes:
         raise ValueError(f"gate policy {policy!r} matches no parameter; parameters are: {', '.join(named_leaves(params))}")
     return shapes
+
+
+def _regex(key: str, pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{key}={pattern!r} is not a valid regular expression ({e}); allowed: a Python regex") from None
 
 
 def _structured_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -229,7 +229,8 @@ class Run:
         self.frozen_params = jax.jit(self.frozen_fn)
         self.initial_model_state = variables
         frozen_shapes = jax.eval_shape(self.frozen_params, self.frozen)
-        self.shapes = masking.gate_shapes(frozen_shapes, config.gate_policy, config.structured)
+        self.shapes = masking.gate_shapes(frozen_shapes, config.gate_policy, config.structured,
+                                          config.structured_policy)
         self.method = create_method(config, masking.weights_per_gate(frozen_shapes, self.shapes))
         self.optimizer = self.method.optimizer()
         # Three independent streams, none of them the weights' key PRNGKey(seed): gate init,
@@ -397,7 +398,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     }
     if is_main:
         meta = {"model": run.spec, "input_shape": list(run.dataset.input_shape), "seed": config.seed,
-                "gate_policy": config.gate_policy, "structured": config.structured, "method": config.method,
+                "gate_policy": config.gate_policy, "structured": config.structured,
+                "structured_policy": config.structured_policy, "method": config.method,
                 "frozen_dtype": config.frozen_dtype,  # the ticket is defined on weights rounded to it
                 "dataset": config.dataset, "preprocessing": run.dataset.preprocessing,
                 "metrics": {k: summary[k] for k in ("val_accuracy", "test_accuracy", "sparsity", "binary_gap")},

@@ -43,6 +43,22 @@ def test_default_policy_gates_every_kernel_with_the_right_shapes(name, input_sha
         assert structured[k] == (1,) * (len(shape) - 1) + (shape[-1],)
 
 
+def test_structured_policy_gives_unit_gates_to_matching_leaves_only():
+    params = init_variables(_spec("digits_mlp", use_bias=True), (8, 8, 1), 0)["params"]
+    leaves = masking.named_leaves(params)
+    shapes = masking.gate_shapes(params, structured=True, structured_policy=r"^Dense_[01]/")
+    assert shapes["Dense_0/kernel"] == (1, leaves["Dense_0/kernel"].shape[-1])
+    assert shapes["Dense_1/kernel"] == (1, leaves["Dense_1/kernel"].shape[-1])
+    assert shapes["Dense_2/kernel"] == leaves["Dense_2/kernel"].shape
+    # The per-weight classifier gates leave its bias alone; the unit gates close their units' biases.
+    gated = {n for n, m in masking.full_masks(params, {k: np.ones(v, bool) for k, v in shapes.items()}).items()
+             if m is not None}
+    assert gated == {"Dense_0/kernel", "Dense_0/bias", "Dense_1/kernel", "Dense_1/bias", "Dense_2/kernel"}
+    assert masking.gate_shapes(params, structured=False, structured_policy=r"^Dense_0/") == masking.gate_shapes(params)
+    with pytest.raises(ValueError, match="structured_policy"):
+        masking.gate_shapes(params, structured=True, structured_policy="Dense_[0")
+
+
 def test_policy_selects_leaves_and_rejects_a_policy_matching_nothing():
     params = init_variables(_spec("digits_mlp"), (8, 8, 1), 0)["params"]
     assert list(masking.gate_shapes(params, policy=r"^Dense_1/")) == ["Dense_1/kernel"]
