@@ -37,14 +37,16 @@ from slt_jax import sharding  # noqa: E402
 from slt_jax.train import Run, classification_loss, make_train_step  # noqa: E402
 
 BATCH = 128  # the default; --batch changes it
-INPUT_SHAPES = {"lenet300": (28, 28, 1), "conv4": (32, 32, 3)}
+# resnet50 (CIFAR stem, BatchNorm statistics) is for accelerators: ``--models resnet50 --batch 256``.
+INPUT_SHAPES = {"lenet300": (28, 28, 1), "conv4": (32, 32, 3), "resnet50": (32, 32, 3)}
+TORCH_MODELS = ("lenet300", "conv4")
 
 
 def bench_config(model: str, method: str, batch: int = BATCH, **overrides: Any) -> ml_collections.ConfigDict:
     c = default.get_config()
     c.model, c.method, c.dataset = model, method, "synthetic"
     c.synthetic_shape = INPUT_SHAPES[model]
-    c.synthetic_size = 2 * batch
+    c.synthetic_size = max(2 * batch, 256)  # enough for the validation and test splits
     c.batch_size, c.num_epochs, c.num_steps = batch, 0, 1000
     c.num_devices, c.progress, c.plots = 1, False, False
     c.sparsity = 0.5
@@ -94,22 +96,25 @@ def dense_step(run: Run) -> Callable[[], Any]:
     """Ordinary weight training of the same model and loss with Adam."""
     opt, cross_entropy = optax.adam(1e-3), classification_loss()
 
-    @jax.jit
-    def train_step(params, opt_state, x, y):
-        def loss_fn(p):
-            logits = run.model.apply({"params": p}, x, train=True)
-            return cross_entropy(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
+    mutable = list(run.initial_model_state)  # BatchNorm statistics, updated as in the method step
 
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    @jax.jit
+    def train_step(params, model_state, opt_state, x, y):
+        def loss_fn(p):
+            logits, new_state = run.model.apply({"params": p, **model_state}, x, train=True, mutable=mutable)
+            return cross_entropy(logits, y), (jnp.mean(jnp.argmax(logits, -1) == y), new_state)
+
+        (loss, (acc, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "train_accuracy": acc}
+        return optax.apply_updates(params, updates), model_state, opt_state, {"loss": loss, "train_accuracy": acc}
 
     params = run.frozen_params(run.frozen)
-    holder = [params, opt.init(params)]
+    holder = [params, run.initial_model_state, opt.init(params)]
     x, y = first_batch(run)
 
     def step():
-        holder[0], holder[1], metrics = train_step(holder[0], holder[1], x, y)
+        params, model_state, opt_state, metrics = train_step(*holder, x, y)
+        holder[:] = params, model_state, opt_state
         jax.block_until_ready((holder, metrics))
 
     return step
@@ -119,6 +124,8 @@ def torch_steps(model: str, batch: int = BATCH) -> dict[str, Callable[[], Any]]:
     """Reference steps in plain PyTorch (NCHW), if torch is importable: the same architecture's
     dense Adam step, and edge-popup as its reference code does it (a full sort of |scores| per
     layer per forward, straight-through backward, SGD with momentum on the scores)."""
+    if model not in TORCH_MODELS:
+        return {}
     try:
         import torch
         from torch import nn
@@ -203,7 +210,7 @@ def measure(model: str, reps: int, batch: int = BATCH) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
-    parser.add_argument("--models", default="lenet300,conv4", help="comma-separated: lenet300, conv4")
+    parser.add_argument("--models", default="lenet300,conv4", help=f"comma-separated: {', '.join(INPUT_SHAPES)}")
     parser.add_argument("--batch", type=int, default=BATCH, help="global batch size")
     parser.add_argument("--reps", type=int, default=100, help="timed steps per measurement")
     args = parser.parse_args()
