@@ -214,6 +214,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH, help="global batch size")
     parser.add_argument("--reps", type=int, default=100, help="timed steps per measurement")
     args = parser.parse_args()
+    unknown = sorted(set(args.models.split(",")) - set(INPUT_SHAPES))
+    if unknown or args.batch < 1:
+        parser.error(f"--models={args.models} --batch={args.batch}; allowed: models among {', '.join(INPUT_SHAPES)}, "
+                     "batch >= 1")
     results = {m: measure(m, args.reps, args.batch) for m in args.models.split(",")}
     if args.json:
         print(json.dumps(results))
