@@ -38,7 +38,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import ndtr
+import numpy as np
+
+from slt_jax import threefry
 
 Array = jax.Array
 GateTree = dict[str, Array]
@@ -58,9 +60,15 @@ class GateFamily:
     test_gate: Callable[[Array], Array]
 
 
-def _uniform(key: Array, shape: tuple[int, ...], dtype) -> Array:
+def _clip01(x: Array) -> Array:
+    # lax.clamp's derivative is one select (1 inside (0, 1), else 0); jnp.clip's splits ties at the
+    # bounds with divisions that XLA:CPU computes in passes of their own.
+    return jax.lax.clamp(jnp.zeros((), x.dtype), x, jnp.ones((), x.dtype))
+
+
+def _uniform(key: Array, shape: tuple[int, ...]) -> Array:
     # Keep u away from 0 and 1 so log u and log(1 - u) stay finite.
-    return jax.random.uniform(key, shape, dtype, minval=1e-6, maxval=1.0 - 1e-6)
+    return threefry.uniform(key, shape, minval=1e-6, maxval=1.0 - 1e-6)
 
 
 def _gaussian() -> GateFamily:
@@ -68,17 +76,19 @@ def _gaussian() -> GateFamily:
         name="gaussian",
         # The STG reference: gates start at mean 0.5 with a little symmetry-breaking noise.
         init=lambda key, shape: 0.5 + 0.01 * jax.random.normal(key, shape),
-        sample=lambda key, mu, sigma: jnp.clip(mu + sigma * jax.random.normal(key, mu.shape, mu.dtype), 0.0, 1.0),
-        prob_open=lambda mu, sigma: ndtr(mu / sigma),
-        test_gate=lambda mu: jnp.clip(mu, 0.0, 1.0),
+        sample=lambda key, mu, sigma: _clip01(mu + sigma * threefry.normal(key, mu.shape)),
+        # Phi(x) as (1 + erf(x / sqrt 2)) / 2: within 1e-7 of ndtr, whose tail-accurate erfc costs
+        # XLA:CPU three times as much; a mean of probabilities needs no tail accuracy.
+        prob_open=lambda mu, sigma: 0.5 + 0.5 * jax.lax.erf(mu / (sigma * np.sqrt(2))),
+        test_gate=_clip01,
     )
 
 
 def _hard_concrete() -> GateFamily:
     def sample(key, log_alpha, beta):
-        u = _uniform(key, log_alpha.shape, log_alpha.dtype)
+        u = _uniform(key, log_alpha.shape)
         s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + log_alpha) / beta)
-        return jnp.clip(s * (HC_ZETA - HC_GAMMA) + HC_GAMMA, 0.0, 1.0)
+        return _clip01(s * (HC_ZETA - HC_GAMMA) + HC_GAMMA)
 
     return GateFamily(
         name="hard_concrete",
@@ -86,13 +96,13 @@ def _hard_concrete() -> GateFamily:
         init=lambda key, shape: 0.01 * jax.random.normal(key, shape),
         sample=sample,
         prob_open=lambda log_alpha, beta: jax.nn.sigmoid(log_alpha - beta * jnp.log(-HC_GAMMA / HC_ZETA)),
-        test_gate=lambda log_alpha: jnp.clip(jax.nn.sigmoid(log_alpha) * (HC_ZETA - HC_GAMMA) + HC_GAMMA, 0.0, 1.0),
+        test_gate=lambda log_alpha: _clip01(jax.nn.sigmoid(log_alpha) * (HC_ZETA - HC_GAMMA) + HC_GAMMA),
     )
 
 
 def _concrete() -> GateFamily:
     def sample(key, logits, tau):
-        u = _uniform(key, logits.shape, logits.dtype)
+        u = _uniform(key, logits.shape)
         return jax.nn.sigmoid((logits + jnp.log(u) - jnp.log1p(-u)) / tau)
 
     return GateFamily(
