@@ -78,7 +78,7 @@ def _gaussian() -> GateFamily:
         init=lambda key, shape: 0.5 + 0.01 * jax.random.normal(key, shape),
         sample=lambda key, mu, sigma: _clip01(mu + sigma * threefry.normal(key, mu.shape)),
         # Phi(x) as (1 + erf(x / sqrt 2)) / 2: within 1e-7 of ndtr, whose tail-accurate erfc costs
-        # XLA:CPU three times as much; a mean of probabilities needs no tail accuracy.
+        # XLA:CPU several times as much; a mean of probabilities needs no tail accuracy.
         prob_open=lambda mu, sigma: 0.5 + 0.5 * jax.lax.erf(mu / (sigma * np.sqrt(2))),
         test_gate=_clip01,
     )
