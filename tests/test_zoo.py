@@ -1,4 +1,4 @@
-"""The model zoo (ResNets, ViT, Swin-T) and the paper's configs.
+"""The model zoo (ResNets, ViT, Swin-T, the ConvNets' pooling) and the paper's configs.
 
 Every config builds its full-size model, gates and method (abstractly: no compile); one runs end
 to end through the CLI at 1/16 width. Every architecture, on tiny shapes, inits, trains a few
@@ -8,6 +8,7 @@ bit-identical; a BatchNorm ticket predicts exactly what the run evaluated.
 import importlib
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from slt_jax import cli, load_ticket, masking
 from slt_jax.data import load_dataset
 from slt_jax.methods import create_method
 from slt_jax.models import MODELS, create_model
+from slt_jax.models.convnets import max_pool_2x2
 from slt_jax.ticket import init_variables
 from slt_jax.train import Run, make_train_step, model_spec, train_and_evaluate, validate_config
 
@@ -206,3 +208,12 @@ def test_batchnorm_ticket_round_trips_and_predicts_as_evaluated(tiny_config, tmp
     data = load_dataset(c)
     accuracy = float(np.mean(ticket.predict(data.x_val) == data.y_val))
     assert accuracy == summary["val_accuracy"]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 4)])
+def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(shape):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    flax_pool = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool_2x2(x), flax_pool(x))
+    loss = lambda pool: lambda v: jnp.sum(pool(v) ** 2)
+    np.testing.assert_allclose(jax.grad(loss(max_pool_2x2))(x), jax.grad(loss(flax_pool))(x), rtol=1e-6)

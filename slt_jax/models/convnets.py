@@ -19,6 +19,19 @@ def conv_channels(depth: int, width: float = 1.0) -> tuple[int, ...]:
     return tuple(int(c * width) for c in CONV_WIDTHS[depth] for _ in range(2))
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2, NHWC (odd trailing rows/columns dropped, as ``nn.max_pool`` does).
+
+    The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, written as a reshape and a max
+    so that its gradient is elementwise: ``nn.max_pool``'s gradient on the CPU goes through an
+    argmax pooling that carries four int32 index arrays the size of the input, which cost a Conv4
+    step more than its largest convolution's backward pass. Tied maxima share the gradient.
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2, :].reshape(b, h // 2, 2, w // 2, 2, c)
+    return x.max(axis=(2, 4))
+
+
 class ConvNet(nn.Module):
     """Convolutions with the given output channels (pooled after every second one), then Dense
     layers of the given widths and the classifier. Per-layer widths let a structured ticket
@@ -36,7 +49,7 @@ class ConvNet(nn.Module):
         for i, channels in enumerate(self.channels):
             x = nn.relu(nn.Conv(channels, (3, 3), padding=1, use_bias=self.use_bias, kernel_init=self.kernel_init)(x))
             if i % 2 == 1:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
         for width in self.dense:
             x = nn.relu(nn.Dense(width, use_bias=self.use_bias, kernel_init=self.kernel_init)(x))
