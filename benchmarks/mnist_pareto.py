@@ -5,7 +5,10 @@ against edge-popup (per-layer and global top-k), same data, seeds, budget and ev
 
 Accuracy is the binary ticket's on the validation split carved from the MNIST training set
 (the test set is withheld). Writes OUT/results.jsonl (one line per run; an interrupted benchmark
-resumes from it), OUT/table.md and OUT/pareto.png, and prints the table.
+resumes from it), OUT/table.md and OUT/pareto.png, and prints the table. A row is reused only by
+a run of the same variant, target, seed, epochs and dataset, and the table shows only rows of the
+current epochs and dataset; a row does not record the code that made it, so delete the file after
+changing the code.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ def run_one(variant: str, sparsity: float, seed: int, args) -> dict:
     config.checkpoint_every = 0
     workdir = os.path.join(args.out, "runs", f"{variant}-s{sparsity}-seed{seed}")
     s = train_and_evaluate(config, workdir)
-    return {"variant": variant, "target_sparsity": sparsity, "seed": seed, "val_accuracy": s["val_accuracy"],
+    return {"variant": variant, "target_sparsity": sparsity, "seed": seed, "num_epochs": args.num_epochs,
+            "dataset": args.dataset, "val_accuracy": s["val_accuracy"],
             "sparsity": s["sparsity"], "binary_gap": s["binary_gap"], "train_seconds": s["train_seconds"],
             "num_steps": s["num_steps"]}
 
@@ -118,7 +122,8 @@ def main() -> None:
         sys.exit(f"error: unknown variant(s) {sorted(unknown)}; allowed: {', '.join(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.jsonl")
-    rows = [json.loads(l) for l in open(results_path)] if os.path.exists(results_path) else []
+    saved = [json.loads(l) for l in open(results_path)] if os.path.exists(results_path) else []
+    rows = [r for r in saved if (r.get("num_epochs"), r.get("dataset")) == (args.num_epochs, args.dataset)]
     done = {(r["variant"], r["target_sparsity"], r["seed"]) for r in rows}
     jobs = [(v, float(s), int(seed)) for v in args.variants.split(",") for s in args.sparsities.split(",")
             for seed in args.seeds.split(",")]
