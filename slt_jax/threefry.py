@@ -4,15 +4,18 @@
 and ``jax.random.normal`` return for the same (default, Threefry) key, bit for bit; only the
 program that computes them differs. JAX lowers Threefry on the CPU as a rolled ``while`` loop of
 five iterations, each a separate pass that reads and writes two uint32 arrays of the output's
-size; drawing a fresh Gaussian for every gate of LeNet-300-100 (266k gates) that way cost more
-than half of a dense training step. Here the 20 rounds are plain ``jax.numpy`` integer ops, which
-XLA fuses with the uniform and erf_inv transforms (and with their consumer) into one loop.
+size; drawn that way, a fresh Gaussian for every gate was the largest single cost of a CRBG step
+on LeNet-300-100. Here the 20 rounds are plain ``jax.numpy`` integer ops, which XLA fuses with
+the uniform and erf_inv transforms into one loop, and on the CPU the draw is written to memory
+once (see ``_materialized``).
 
 Threefry-2x32 with 20 rounds (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"),
 as ``jax.random`` uses it: the element at flat index i of the output is ``x0 ^ x1``, where
 ``(x0, x1) = threefry2x32(key, (0, i))``.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +86,7 @@ def normal(key: Array, shape: tuple[int, ...]) -> Array:
     return _materialized(draw, key)
 
 
-def _materialized(draw, key: Array) -> Array:
+def _materialized(draw: Callable[[Array], Array], key: Array) -> Array:
     """``draw(key)``, written to memory once on the CPU.
 
     A gate sample's noise has several consumers (the sample in the forward pass, its derivative in
