@@ -5,6 +5,7 @@
 import ml_collections
 
 from slt_jax.masking import DEFAULT_POLICY
+from slt_jax.methods import method_hyperparameters
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -18,8 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 60
     c.seed = 0
 
-    c.learning_rate = 0.05
-    c.lr_schedule = "constant"
+    # None: the method's own recipe (CRBG: Adam 0.05 constant; edge-popup: SGD 0.1 cosine).
+    c.learning_rate = ml_collections.config_dict.placeholder(float)
+    c.lr_schedule = ml_collections.config_dict.placeholder(str)  # "constant" or "cosine"
     c.warmup_epochs = 0.0  # linear learning-rate warm-up before the schedule
     c.label_smoothing = 0.0
     c.logit_scale = 1.0  # temperature of the loss only (see slt_jax.train.classification_loss)
@@ -42,26 +44,18 @@ def get_config() -> ml_collections.ConfigDict:
     # the other gated leaves keep one gate per weight
     c.ticket_coding = "packbits"  # how ticket/mask.npz stores the mask: "packbits" or "golomb"
 
-    c.crbg = ml_collections.ConfigDict()
-    c.crbg.family = "gaussian"
-    c.crbg.lambda_mode = "dual"
-    c.crbg.lam = 0.0
-    c.crbg.dual_lr = 0.05  # integral gain of the multiplier's PI controller (plain dual ascent's step)
-    c.crbg.dual_kp = 100.0  # proportional gain (0: plain dual ascent)
-    c.crbg.temp_start = 0.5
-    c.crbg.temp_end = 0.5  # no anneal by default: the penalty keeps its gradient for open gates
-    c.crbg.decision_weight = 1.0
-
-    c.edgepopup = ml_collections.ConfigDict()
-    c.edgepopup.scope = "layer"
-    c.edgepopup.momentum = 0.9
-    c.edgepopup.weight_decay = 1e-4
+    # Each method's own hyperparameters, with the defaults of its dataclass (one source of truth):
+    # crbg: family, lambda_mode, lam, dual_lr, dual_kp, temp_start, temp_end, decision_weight
+    # (slt_jax.methods.crbg.CRBG); edgepopup: scope, momentum, weight_decay (...edgepopup.EdgePopup).
+    c.crbg = ml_collections.ConfigDict(method_hyperparameters("crbg"))
+    c.edgepopup = ml_collections.ConfigDict(method_hyperparameters("edgepopup"))
 
     # Data.
     c.val_fraction = 0.1
     c.split_seed = 0
     c.num_classes = 10  # for synthetic data; other datasets read it from their labels
     c.synthetic_shape = (28, 28, 1)
+    c.synthetic_size = 512  # examples of synthetic data
     # tfds:NAME only. augment: "cifar" (4-px pad-crop + flip), "imagenet" (random-resized crop + flip;
     # eval resize 256 + centre crop 224), "none", or "auto" (by image size, see slt_jax.data.tfds_source).
     c.augment = "auto"

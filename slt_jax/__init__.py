@@ -1,17 +1,28 @@
 """slt_jax: strong lottery tickets in JAX/Flax.
 
-Public API::
+Public API (gate and mask trees are shaped like the params, None where a leaf is not gated)::
 
-    sample_gates, expected_density, binary_mask     (slt_jax.gates)
-    gate_shapes, apply_masks                        (slt_jax.masking)
-    create_method, create_model                     (slt_jax.methods, slt_jax.models)
-    train_and_evaluate                              (slt_jax.train)
-    load_ticket, save_ticket                        (slt_jax.ticket)
+    sample_gates, expected_density, binary_mask      gate families (slt_jax.gates)
+    gate_shapes, apply_masks, leaf_masks             which leaves are gated; masks on params (slt_jax.masking)
+    CRBG, EdgePopup, create_method                   methods (slt_jax.methods)
+    gated, Gated                                     any Linen module with "frozen" and "gates" collections
+    gates_only, stop_frozen                          Optax on the gates only (slt_jax.optim)
+    TrainState, make_train_step, classification_loss, make_eval_fn   the step (slt_jax.step)
+    init_variables, round_frozen, weights_key        the frozen network (slt_jax.frozen)
+    create_model                                     the model zoo
+    load_ticket, save_ticket                         tickets (slt_jax.ticket)
+    train_and_evaluate                               the harness behind run.py (slt_jax.train)
+
+NNX models: ``slt_jax.nnx_gating``.
 """
+from slt_jax.frozen import init_variables, round_frozen, weights_key
 from slt_jax.gates import binary_mask, expected_density, sample_gates
-from slt_jax.masking import apply_masks, gate_shapes
-from slt_jax.methods import create_method
+from slt_jax.masking import apply_masks, gate_shapes, leaf_masks
+from slt_jax.methods import CRBG, EdgePopup, create_method
 from slt_jax.models import create_model
+from slt_jax.module import Gated, gated
+from slt_jax.optim import gates_only, stop_frozen
+from slt_jax.step import TrainState, classification_loss, make_eval_fn, make_train_step
 from slt_jax.ticket import load_ticket, save_ticket
 
 
@@ -24,5 +35,7 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["apply_masks", "binary_mask", "create_method", "create_model", "expected_density", "gate_shapes",
-           "load_ticket", "sample_gates", "save_ticket", "train_and_evaluate"]
+__all__ = ["CRBG", "EdgePopup", "Gated", "TrainState", "apply_masks", "binary_mask", "classification_loss",
+           "create_method", "create_model", "expected_density", "gate_shapes", "gated", "gates_only",
+           "init_variables", "leaf_masks", "load_ticket", "make_eval_fn", "make_train_step", "round_frozen",
+           "sample_gates", "save_ticket", "stop_frozen", "train_and_evaluate", "weights_key"]

@@ -34,16 +34,17 @@ so its scale does not depend on the network's size.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from slt_jax import threefry
+from slt_jax.masking import path_name
 
 Array = jax.Array
-GateTree = dict[str, Array]
+GateTree = Any  # a params-shaped tree: an array per gated leaf, None elsewhere
 
 HC_GAMMA, HC_ZETA = -0.1, 1.1
 BINARY_THRESHOLD = 0.5
@@ -124,10 +125,10 @@ def get_family(name: str) -> GateFamily:
     return FAMILIES[name]
 
 
-def _leaf_keys(key: Array, tree: GateTree) -> dict[str, Array]:
-    # One independent stream per gate leaf, chosen by the leaf's name so that adding or removing
+def _leaf_keys(key: Array, tree: GateTree) -> GateTree:
+    # One independent stream per gate leaf, chosen by the leaf's path name so that adding or removing
     # another leaf never changes this one's noise.
-    return {name: jax.random.fold_in(key, _stable_hash(name)) for name in tree}
+    return jax.tree_util.tree_map_with_path(lambda path, _: jax.random.fold_in(key, _stable_hash(path_name(path))), tree)
 
 
 def _stable_hash(name: str) -> int:
@@ -137,57 +138,61 @@ def _stable_hash(name: str) -> int:
     return h
 
 
-def init_gates(key: Array, shapes: dict[str, tuple[int, ...]], family: str = "gaussian") -> GateTree:
-    """Initial gate parameters, one array per gated leaf, each of the given shape."""
+def init_gates(key: Array, shapes: Any, *, family: str = "gaussian") -> GateTree:
+    """Initial gate parameters: a tree shaped like ``shapes`` (``slt_jax.masking.gate_shapes``: a
+    ``jax.ShapeDtypeStruct`` per gated leaf, None elsewhere), one array of each leaf's shape."""
     fam = get_family(family)
-    keys = _leaf_keys(key, shapes)
-    return {name: fam.init(keys[name], tuple(shape)) for name, shape in shapes.items()}
+    return jax.tree.map(lambda k, s: fam.init(k, tuple(s.shape)), _leaf_keys(key, shapes), shapes)
 
 
-def sample_gates(key: Array, logits: GateTree, temp: float | Array, family: str = "gaussian") -> GateTree:
-    """Draws one training sample z per gate (pure; the same key gives the same sample)."""
+def sample_gates(key: Array, logits: GateTree, temp: float | Array, *, family: str = "gaussian") -> GateTree:
+    """One training sample z per gate, a tree shaped like ``logits`` (None leaves stay None).
+
+    Pure: the same key gives the same sample. ``key`` may be a raw or typed key of any PRNG
+    implementation (threefry, rbg, unsafe_rbg); each leaf draws from ``fold_in(key, hash(path))``.
+    """
     fam = get_family(family)
-    keys = _leaf_keys(key, logits)
-    return {name: fam.sample(keys[name], p, temp) for name, p in logits.items()}
+    return jax.tree.map(lambda k, p: fam.sample(k, p, temp), _leaf_keys(key, logits), logits)
 
 
-def weighted_density(per_gate: GateTree, weights: dict[str, float] | None = None) -> Array:
+def weighted_density(per_gate: GateTree, weights: GateTree | None = None) -> Array:
     """sum_leaf w_leaf * sum(values) / sum_leaf w_leaf * size: the mean of per-gate values in [0, 1],
-    each gate counted ``weights[leaf]`` times (e.g. the number of weights it removes; default 1)."""
-    w = weights or {}
-    total = sum(w.get(n, 1.0) * jnp.sum(v) for n, v in per_gate.items())
-    return total / sum(w.get(n, 1.0) * v.size for n, v in per_gate.items())
+    each gate counted ``weights[leaf]`` times (e.g. the number of weights it removes; default 1).
+    ``weights`` is a tree of floats shaped like ``per_gate``."""
+    values = jax.tree.leaves(per_gate)
+    w = jax.tree.leaves(weights) if weights is not None else [1.0] * len(values)
+    total = sum(wi * jnp.sum(v) for wi, v in zip(w, values))
+    return total / sum(wi * v.size for wi, v in zip(w, values))
 
 
-def expected_density(logits: GateTree, temp: float | Array, family: str = "gaussian",
-                     weights: dict[str, float] | None = None) -> Array:
+def expected_density(logits: GateTree, temp: float | Array, *, family: str = "gaussian",
+                     weights: GateTree | None = None) -> Array:
     """Mean of P(z > 0) over gates (weighted as ``weighted_density``): the expected L0 norm of the
     gated weights divided by their number."""
     fam = get_family(family)
-    return weighted_density({n: fam.prob_open(p, temp) for n, p in logits.items()}, weights)
+    return weighted_density(jax.tree.map(lambda p: fam.prob_open(p, temp), logits), weights)
 
 
-def deterministic_gates(logits: GateTree, family: str = "gaussian") -> GateTree:
+def deterministic_gates(logits: GateTree, *, family: str = "gaussian") -> GateTree:
     """The deterministic gates in [0, 1] with the noise dropped."""
-    fam = get_family(family)
-    return {name: fam.test_gate(p) for name, p in logits.items()}
+    return jax.tree.map(get_family(family).test_gate, logits)
 
 
-def binary_mask(logits: GateTree, family: str = "gaussian") -> GateTree:
+def binary_mask(logits: GateTree, *, family: str = "gaussian") -> GateTree:
     """The ticket's rule: keep a weight iff its test gate exceeds 1/2 (bool arrays)."""
-    return {name: g > BINARY_THRESHOLD for name, g in deterministic_gates(logits, family).items()}
+    return jax.tree.map(lambda g: g > BINARY_THRESHOLD, deterministic_gates(logits, family=family))
 
 
-def indecision(logits: GateTree, family: str = "gaussian") -> Array:
+def indecision(logits: GateTree, *, family: str = "gaussian") -> Array:
     """Mean of g (1 - g) over test gates g: zero iff every gate is exactly 0 or 1.
 
     Penalising it drives gates to the two extremes, so the binary ticket and the network
     trained with soft gates compute the same function.
     """
-    gates = deterministic_gates(logits, family)
-    return sum(jnp.sum(g * (1.0 - g)) for g in gates.values()) / gate_count(logits)
+    gates = jax.tree.leaves(deterministic_gates(logits, family=family))
+    return sum(jnp.sum(g * (1.0 - g)) for g in gates) / gate_count(logits)
 
 
 def gate_count(tree: GateTree) -> int:
     """Number of gates (scalars) in a gate tree."""
-    return sum(int(p.size) for p in tree.values())
+    return sum(int(p.size) for p in jax.tree.leaves(tree))

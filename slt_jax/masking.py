@@ -1,7 +1,9 @@
 """Parameter-level gating: which leaves of a Flax parameter tree are gated, and how masks apply.
 
-A *gate tree* is a flat dict ``{"Dense_0/kernel": array, ...}`` keyed by the '/'-joined path of
-each gated parameter leaf. Gate arrays broadcast against their leaf:
+A *gate tree* (and a mask tree) is shaped like the parameter tree: an array for each gated leaf,
+``None`` for a leaf that is not gated (as jaxpruner does), so ``jax.tree.map`` over gates skips the
+ungated leaves. A leaf's *name* is the '/'-joined path of its keys, e.g. ``Dense_0/kernel``; the
+policy regexes match names. Gate arrays broadcast against their leaf:
 
 * unstructured: one gate per weight, shape == leaf shape;
 * structured: one gate per output unit / channel, shape (1, ..., 1, out). The unit's bias, when
@@ -13,7 +15,7 @@ each gated parameter leaf. Gate arrays broadcast against their leaf:
   stays ungated).
 
 Models never see gates: ``apply_masks(params, masks)`` returns an ordinary parameter tree that
-goes straight into ``model.apply``.
+goes straight into ``model.apply``. Every function here is jit-safe except ``sparsity_report``.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import numpy as np
 
 Array = jax.Array
 Params = Any  # a nested dict of arrays, as Flax makes them
-GateTree = dict[str, Array]
+GateTree = Any  # params-shaped: an array per gated leaf, None elsewhere
 
 DEFAULT_POLICY = r"(^|/)kernel$"
 
@@ -37,18 +39,27 @@ ATTENTION_HEAD_AXIS = {"query": 1, "key": 1, "value": 1, "out": 0}
 
 
 def path_name(path: tuple) -> str:
-    """'/'-joined key names of a tree path, e.g. ('Dense_0', 'kernel') -> 'Dense_0/kernel'."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    """'/'-joined key names of a tree path, e.g. ('Dense_0', 'kernel') -> 'Dense_0/kernel'.
+
+    An ``nnx.State`` leaf's trailing ``.value`` attribute is not part of its name."""
+    keys = [k for k in path if getattr(k, "name", None) != "value"]
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
 
 
-def named_leaves(params: Params) -> dict[str, Array]:
-    """Every leaf of ``params`` keyed by its path name, in tree order."""
-    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """Every leaf of ``tree`` keyed by its path name, in tree order (None leaves are skipped)."""
+    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _like_params(params: Params, by_name: dict[str, Any]) -> Any:
+    """A tree shaped like ``params`` holding ``by_name[name]`` at each leaf (None where absent)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: by_name.get(path_name(path)), params)
 
 
 def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool = False,
-                structured_policy: str = "") -> dict[str, tuple[int, ...]]:
-    """Shapes of the gate arrays for the leaves whose path name matches the regex ``policy``.
+                structured_policy: str = "") -> Any:
+    """The gate tree's template: shaped like ``params``, a float32 ``jax.ShapeDtypeStruct`` for each
+    leaf whose path name matches the regex ``policy``, None elsewhere.
 
     The default policy gates every kernel (Dense, Conv, attention), first and last layer included.
     Structured gates have shape (1, ..., 1, out): one per output unit or channel; attention
@@ -64,10 +75,10 @@ def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool =
         if pattern.search(name) and np.ndim(leaf) >= 1:
             shape = tuple(np.shape(leaf))
             per_unit = structured and unit_pattern.search(name)
-            shapes[name] = _structured_shape(name, shape) if per_unit else shape
+            shapes[name] = jax.ShapeDtypeStruct(_structured_shape(name, shape) if per_unit else shape, jnp.float32)
     if not shapes:
         raise ValueError(f"gate policy {policy!r} matches no parameter; parameters are: {', '.join(named_leaves(params))}")
-    return shapes
+    return _like_params(params, shapes)
 
 
 def _regex(key: str, pattern: str) -> re.Pattern:
@@ -85,14 +96,14 @@ def _structured_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(n if i == axis else 1 for i, n in enumerate(shape))
 
 
-def _bias_partner(name: str, masks: GateTree, leaves: dict[str, Array]) -> Array | None:
+def _bias_partner(name: str, masks: dict[str, Array], leaves: dict[str, Array]) -> Array | None:
     """The structured gate of the kernel beside bias ``name``, without the kernel's input axes
     (so it broadcasts against the bias), if any."""
     if not name.endswith("bias") or name in masks:
         return None
     kernel = name[: -len("bias")] + "kernel"
     gate = masks.get(kernel)
-    if gate is None or gate.size == leaves[kernel].size:
+    if gate is None or gate.size == np.size(leaves[kernel]):
         return None
     lead = gate.ndim - np.ndim(leaves[name])  # the kernel's input axes, which the bias lacks
     if lead < 0 or any(n != 1 for n in gate.shape[:lead]):
@@ -100,22 +111,33 @@ def _bias_partner(name: str, masks: GateTree, leaves: dict[str, Array]) -> Array
     return gate.reshape(gate.shape[lead:])
 
 
-def full_masks(params: Params, masks: GateTree) -> dict[str, Array | None]:
-    """Every leaf's mask by path name: its gate, its kernel's structured gate (biases), or None."""
-    leaves = named_leaves(params)
-    return {name: masks[name] if name in masks else _bias_partner(name, masks, leaves) for name in leaves}
-
-
-def weights_per_gate(params: Params, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
-    """How many weights one gate of each gated leaf removes: 1 per weight unstructured; a unit's
-    fan-in (plus its bias, if gated with it) structured. Densities weighted by it count weights."""
-    leaves = named_leaves(params)
-    out = {name: float(np.size(leaves[name]) / math.prod(shape)) for name, shape in shapes.items()}
-    ones = {name: np.ones(shape, bool) for name, shape in shapes.items()}
-    for name, m in full_masks(params, ones).items():
-        if m is not None and name not in shapes:  # a bias closed by its kernel's structured gate
-            out[name[: -len("bias")] + "kernel"] += float(np.size(leaves[name]) / m.size)
+def _leaf_masks_by_name(params: Params, masks: GateTree) -> dict[str, Array]:
+    leaves, named = named_leaves(params), named_leaves(masks)
+    out = {}
+    for name in leaves:
+        m = named[name] if name in named else _bias_partner(name, named, leaves)
+        if m is not None:
+            out[name] = m
     return out
+
+
+def leaf_masks(params: Params, masks: GateTree) -> Any:
+    """Every leaf's mask, shaped like ``params``: its own gate, its kernel's structured gate (the
+    bias of a gated unit), or None. Each mask broadcasts against its leaf."""
+    return _like_params(params, _leaf_masks_by_name(params, masks))
+
+
+def weights_per_gate(params: Params, shapes: Any) -> Any:
+    """How many weights one gate of each gated leaf removes, a tree of floats shaped like ``shapes``:
+    1 per weight unstructured; a unit's fan-in (plus its bias, if gated with it) structured.
+    Densities weighted by it count weights."""
+    leaves, named = named_leaves(params), named_leaves(shapes)
+    out = {name: float(np.size(leaves[name]) / math.prod(s.shape)) for name, s in named.items()}
+    ones = {name: np.ones(s.shape, bool) for name, s in named.items()}
+    for name, m in _leaf_masks_by_name(params, _like_params(params, ones)).items():
+        if name not in named:  # a bias closed by its kernel's structured gate
+            out[name[: -len("bias")] + "kernel"] += float(np.size(leaves[name]) / m.size)
+    return _like_params(params, out)
 
 
 def apply_masks(params: Params, masks: GateTree) -> Params:
@@ -124,10 +146,10 @@ def apply_masks(params: Params, masks: GateTree) -> Params:
     With a bool mask this is exactly ``where(mask, w, 0)``: kept weights are bit-identical to the
     frozen ones, never rescaled.
     """
-    per_leaf = full_masks(params, masks)
+    per_leaf = _leaf_masks_by_name(params, masks)
 
     def gate(path, w):
-        m = per_leaf[path_name(path)]
+        m = per_leaf.get(path_name(path))
         if m is None:
             return w
         if m.dtype == jnp.bool_:
@@ -137,23 +159,11 @@ def apply_masks(params: Params, masks: GateTree) -> Params:
     return jax.tree_util.tree_map_with_path(gate, params)
 
 
-def mask_tree(params: Params, masks: GateTree) -> Params:
-    """The params-shaped tree of masks: a bool array per gated leaf (biases of structured units
-    included), None for leaves that are not gated."""
-    per_leaf = full_masks(params, masks)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, w: None if per_leaf[path_name(path)] is None else np.asarray(per_leaf[path_name(path)], bool),
-        params,
-    )
-
-
 def sparsity_report(params: Params, binary: GateTree) -> dict[str, Any]:
     """Fraction of gated weights that are zero in a binary ticket, in total and per gated leaf."""
     leaves = named_leaves(params)
     layers, kept_total, size_total = {}, 0, 0
-    for name, m in full_masks(params, binary).items():
-        if m is None:
-            continue
+    for name, m in _leaf_masks_by_name(params, binary).items():
         size = int(np.size(leaves[name]))
         kept = int(np.sum(np.broadcast_to(np.asarray(m), np.shape(leaves[name]))))
         layers[name] = 1.0 - kept / size

@@ -9,6 +9,9 @@ on LeNet-300-100. Here the 20 rounds are plain ``jax.numpy`` integer ops, which 
 the uniform and erf_inv transforms into one loop, and on the CPU the draw is written to memory
 once (see ``_materialized``).
 
+Keys of other implementations (``rbg``, ``unsafe_rbg``, raw or typed) are passed to ``jax.random``
+itself: the fused program is used only where it is bit-identical to it.
+
 Threefry-2x32 with 20 rounds (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"),
 as ``jax.random`` uses it: the element at flat index i of the output is ``x0 ^ x1``, where
 ``(x0, x1) = threefry2x32(key, (0, i))``.
@@ -44,12 +47,18 @@ def threefry2x32(k0: Array, k1: Array, x0: Array, x1: Array) -> tuple[Array, Arr
     return x0, x1
 
 
-def _key_words(key: Array) -> Array:
+def is_threefry(key: Array) -> bool:
+    """Whether ``key`` (raw or typed) is a single Threefry-2x32 key, i.e. the fused draw applies."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    if key.shape != (2,) or key.dtype != jnp.uint32:
+        return key.shape == () and str(jax.random.key_impl(key)) == "threefry2x32"
+    return (key.shape == (2,) and key.dtype == jnp.uint32
+            and str(jax.config.jax_default_prng_impl) == "threefry2x32")
+
+
+def _key_words(key: Array) -> Array:
+    if not is_threefry(key):
         raise ValueError(f"a Threefry key (uint32[2] or a typed threefry key) is needed, got {key.dtype}{list(key.shape)}")
-    return key
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
 
 
 def bits(key: Array, shape: tuple[int, ...]) -> Array:
@@ -73,12 +82,17 @@ def _uniform(key: Array, shape: tuple[int, ...], minval: float, maxval: float) -
 
 def uniform(key: Array, shape: tuple[int, ...], minval: float = 0.0, maxval: float = 1.0) -> Array:
     """float32 uniform on [minval, maxval); equals ``jax.random.uniform(key, shape, jnp.float32, minval, maxval)``."""
+    if not is_threefry(key):
+        return jax.random.uniform(key, shape, jnp.float32, minval, maxval)
     return _materialized(lambda k: _uniform(k, shape, minval, maxval), key)
 
 
 def normal(key: Array, shape: tuple[int, ...]) -> Array:
     """float32 standard normal; equals ``jax.random.normal(key, shape, jnp.float32)``: sqrt(2) erf^-1(u),
     u uniform on (-1, 1)."""
+    if not is_threefry(key):
+        return jax.random.normal(key, shape, jnp.float32)
+
     def draw(k):
         u = _uniform(k, shape, np.nextafter(np.float32(-1.0), np.float32(0.0)), 1.0)
         return np.float32(np.sqrt(2)) * lax.erf_inv(u)

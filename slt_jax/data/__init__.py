@@ -32,7 +32,7 @@ def _digits(config) -> ArrayDataset:
 def _synthetic(config) -> ArrayDataset:
     rng = np.random.default_rng(config.split_seed)
     shape = tuple(config.synthetic_shape)
-    n = config.get("synthetic_size", 512)
+    n = config.synthetic_size
     x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
     y = rng.integers(0, config.num_classes, n)
     y[: config.num_classes] = np.arange(config.num_classes)  # every class present

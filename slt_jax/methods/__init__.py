@@ -1,16 +1,24 @@
-"""Ticket-finding methods on one interface.
+"""Ticket-finding methods on one interface, the ``Method`` protocol.
 
-A method owns a gate tree (gate logits, or scores) over the gated leaves and knows neither the
-model nor the data. The harness in ``slt_jax.train`` calls, per step::
+A method owns a gate tree (gate logits, or scores), shaped like the parameters with None where a
+leaf is not gated, and knows neither the model nor the data. Any training loop, ours
+(``slt_jax.step.make_train_step``) or a researcher's own, calls, per step::
 
     masks   = method.train_masks(gates, key, step)        # differentiable w.r.t. gates
-    penalty, aux = method.penalty(gates, state, step)     # added to the cross-entropy
-    state   = method.update_state(state, aux)             # e.g. dual ascent on lambda
+    logits  = apply_fn(apply_masks(frozen, masks), x)
+    loss    = CE(logits, y) + penalty,  penalty, aux = method.penalty(gates, state, step)
+    gates   <- optax update of grad(loss) w.r.t. gates
+    state   = method.update_state(state, aux)              # e.g. the multiplier lambda
 
 and for every evaluation and the final ticket ``method.binary_masks(gates)`` (bool arrays).
+Skipping ``penalty`` or ``update_state`` silently drops CRBG's sparsity target.
+
+Each method's dataclass defaults are the recipe ``run.py`` uses: ``configs/default.py`` reads
+its ``crbg`` / ``edgepopup`` sub-configs and the learning rate from these classes.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import jax
@@ -20,27 +28,65 @@ from slt_jax.methods.crbg import CRBG
 from slt_jax.methods.edgepopup import EdgePopup
 
 Array = jax.Array
-GateTree = dict[str, Array]
+GateTree = Any  # params-shaped: an array per gated leaf, None elsewhere
 
 
 class Method(Protocol):
+    """What a ticket-finding method provides (see the module docstring for the loop)."""
+
     name: str
+    num_steps: int
+    sparsity: float
 
-    def init(self, key: Array, shapes: dict[str, tuple[int, ...]]) -> GateTree: ...
-    def init_state(self) -> dict[str, Array]: ...
-    def train_masks(self, gates: GateTree, key: Array, step: Array) -> GateTree: ...
-    def penalty(self, gates: GateTree, state: dict[str, Array], step: Array) -> tuple[Array, dict[str, Array]]: ...
-    def update_state(self, state: dict[str, Array], aux: dict[str, Array]) -> dict[str, Array]: ...
-    def binary_masks(self, gates: GateTree) -> GateTree: ...
-    def optimizer(self) -> optax.GradientTransformation: ...
+    def init(self, key: Array, shapes: Any) -> GateTree:
+        """Initial gate parameters for the template ``slt_jax.masking.gate_shapes`` returns."""
+
+    def init_state(self) -> dict[str, Array]:
+        """The method's own state (e.g. a multiplier), a dict of scalars; may be empty."""
+
+    def train_masks(self, gates: GateTree, key: Array, step: Array) -> GateTree:
+        """Masks for one training forward pass, differentiable w.r.t. ``gates``."""
+
+    def penalty(self, gates: GateTree, state: dict[str, Array], step: Array) -> tuple[Array, dict[str, Array]]:
+        """The term added to the loss, and scalars for ``update_state`` and the logs."""
+
+    def update_state(self, state: dict[str, Array], aux: dict[str, Array]) -> dict[str, Array]:
+        """The state after one step, from the ``aux`` that ``penalty`` returned."""
+
+    def binary_masks(self, gates: GateTree) -> GateTree:
+        """The ticket: bool masks shaped like ``gates``."""
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """The recipe's optimiser for the gates (any Optax optimiser may be used instead)."""
 
 
-METHODS = {"crbg": CRBG, "edgepopup": EdgePopup}
+METHODS: dict[str, type] = {"crbg": CRBG, "edgepopup": EdgePopup}
+# Fields the harness sets itself; the rest of each dataclass's fields are its config sub-dict.
+_HARNESS_FIELDS = ("num_steps", "sparsity", "learning_rate", "lr_schedule", "warmup_steps", "weights_per_gate", "name")
 
 
-def create_method(config: Any, weights_per_gate: dict[str, float] | None = None) -> Method:
-    """Builds the method named ``config.method`` from a run config; ``weights_per_gate`` (from
-    ``slt_jax.masking.weights_per_gate``) lets densities count weights rather than gates."""
+def method_hyperparameters(name: str) -> dict[str, Any]:
+    """The method's own hyperparameters and their defaults: its config sub-dict (``config.<name>``)."""
+    return {f.name: f.default for f in dataclasses.fields(METHODS[name]) if f.name not in _HARNESS_FIELDS}
+
+
+def create_method(config: Any, *, num_steps: int, warmup_steps: int = 0, weights_per_gate: Any = None) -> Method:
+    """Builds the method named ``config.method`` from a run config and the resolved step counts.
+
+    ``config.learning_rate`` / ``config.lr_schedule`` of None mean the method's default.
+    ``weights_per_gate`` (``slt_jax.masking.weights_per_gate``) lets CRBG's densities count
+    weights rather than gates; edge-popup's per-leaf top-k needs no such weighting.
+    """
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; allowed: {', '.join(sorted(METHODS))}")
-    return METHODS[config.method].from_config(config, weights_per_gate)
+    cls = METHODS[config.method]
+    kwargs = config[config.method].to_dict()
+    for key in ("learning_rate", "lr_schedule"):
+        if config.get(key) is not None:
+            kwargs[key] = config[key]
+    if "weights_per_gate" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["weights_per_gate"] = weights_per_gate
+    return cls(num_steps=num_steps, sparsity=config.sparsity, warmup_steps=warmup_steps, **kwargs)
+
+
+__all__ = ["CRBG", "EdgePopup", "METHODS", "Method", "create_method", "method_hyperparameters"]

@@ -27,7 +27,8 @@ weights removed either way.
   the second half of training; it pushes gates to exactly 0 or 1 so that the binary ticket
   computes what the trained stochastic network computed.
 
-Only the gate parameters are optimised, by Adam.
+Only the gate parameters are optimised, by Adam. The defaults are the recipe ``run.py`` uses
+(``configs/default.py`` reads them from this class).
 """
 from __future__ import annotations
 
@@ -42,26 +43,33 @@ from slt_jax import gates as gates_lib
 from slt_jax.methods.schedules import learning_rate_schedule
 
 Array = jax.Array
-GateTree = dict[str, Array]
+GateTree = Any  # params-shaped: an array per gated leaf, None elsewhere
 LAMBDA_MODES = ("dual", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
 class CRBG:
+    """CRBG over a gate tree of mu (Gaussian family) or logits; see the module docstring.
+
+    ``num_steps`` sets the temperature anneal, the decision term's ramp and the learning-rate
+    schedule. ``weights_per_gate`` (``slt_jax.masking.weights_per_gate``, shaped like the gates)
+    makes densities count weights for structured gates; None counts gates.
+    """
+
     num_steps: int
     sparsity: float = 0.9
     family: str = "gaussian"
     lambda_mode: str = "dual"
     lam: float = 0.0
     dual_lr: float = 0.05
-    dual_kp: float = 0.0
+    dual_kp: float = 100.0
     temp_start: float = 0.5
-    temp_end: float = 0.5
-    decision_weight: float = 0.0
-    learning_rate: float = 0.01
+    temp_end: float = 0.5  # no anneal by default: the penalty keeps its gradient for open gates
+    decision_weight: float = 1.0
+    learning_rate: float = 0.05
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    weights_per_gate: dict[str, float] | None = None
+    weights_per_gate: Any = dataclasses.field(default=None, compare=False)
     name: str = "crbg"
 
     def __post_init__(self):
@@ -71,33 +79,28 @@ class CRBG:
         if not (self.temp_start > 0 and self.temp_end > 0):
             raise ValueError(f"temperatures must be > 0, got temp_start={self.temp_start}, temp_end={self.temp_end}")
 
-    @classmethod
-    def from_config(cls, config: Any, weights_per_gate: dict[str, float] | None = None) -> "CRBG":
-        c = config.crbg
-        return cls(num_steps=config.num_steps, sparsity=config.sparsity, family=c.family,
-                   lambda_mode=c.lambda_mode, lam=c.lam, dual_lr=c.dual_lr, dual_kp=c.dual_kp, temp_start=c.temp_start,
-                   temp_end=c.temp_end, decision_weight=c.decision_weight,
-                   learning_rate=config.learning_rate, lr_schedule=config.lr_schedule,
-                   warmup_steps=config.get("warmup_steps", 0),
-                   weights_per_gate=weights_per_gate)
-
     def temp(self, step: Array) -> Array:
+        """The gate temperature (sigma for the Gaussian gate) at ``step``: geometric anneal."""
         frac = jnp.clip(step / max(self.num_steps - 1, 1), 0.0, 1.0)
         return self.temp_start * (self.temp_end / self.temp_start) ** frac
 
-    def init(self, key: Array, shapes: dict[str, tuple[int, ...]]) -> GateTree:
-        return gates_lib.init_gates(key, shapes, self.family)
+    def init(self, key: Array, shapes: Any) -> GateTree:
+        """Gate parameters for ``shapes`` (``slt_jax.masking.gate_shapes``): mu ~ 0.5 + 0.01 N(0, 1)."""
+        return gates_lib.init_gates(key, shapes, family=self.family)
 
     def init_state(self) -> dict[str, Array]:
+        """The multiplier: ``lambda`` and its controller's ``integral``, both ``lam`` at the start."""
         # Two separate buffers: the train step donates its state, and one buffer cannot be donated twice.
         return {"lambda": jnp.full((), self.lam, jnp.float32), "integral": jnp.full((), self.lam, jnp.float32)}
 
     def train_masks(self, gates: GateTree, key: Array, step: Array) -> GateTree:
-        return gates_lib.sample_gates(key, gates, self.temp(step), self.family)
+        """One noisy gate sample z in [0, 1] per gate (differentiable w.r.t. the gates)."""
+        return gates_lib.sample_gates(key, gates, self.temp(step), family=self.family)
 
     def penalty(self, gates: GateTree, state: dict[str, Array], step: Array) -> tuple[Array, dict[str, Array]]:
-        density = gates_lib.expected_density(gates, self.temp(step), self.family, self.weights_per_gate)
-        indecision = gates_lib.indecision(gates, self.family)
+        """``lambda (d - d_target) + beta_t indecision`` and the values ``update_state`` and logs need."""
+        density = gates_lib.expected_density(gates, self.temp(step), family=self.family, weights=self.weights_per_gate)
+        indecision = gates_lib.indecision(gates, family=self.family)
         ramp = jnp.clip(2.0 * step / max(self.num_steps, 1) - 1.0, 0.0, 1.0)
         total = state["lambda"] * (density - (1.0 - self.sparsity)) + self.decision_weight * ramp * indecision
         binary = gates_lib.weighted_density(self.binary_masks(gates), self.weights_per_gate)
@@ -105,6 +108,7 @@ class CRBG:
                        "lambda": state["lambda"], "temp": self.temp(step)}
 
     def update_state(self, state: dict[str, Array], aux: dict[str, Array]) -> dict[str, Array]:
+        """One step of the multiplier's PI controller on the binary density (``fixed``: unchanged)."""
         if self.lambda_mode == "fixed":
             return state
         violation = aux["binary_density"] - (1.0 - self.sparsity)
@@ -112,7 +116,9 @@ class CRBG:
         return {"lambda": jnp.maximum(0.0, integral + self.dual_kp * violation), "integral": integral}
 
     def binary_masks(self, gates: GateTree) -> GateTree:
-        return gates_lib.binary_mask(gates, self.family)
+        """The ticket: keep a weight iff its deterministic gate exceeds 1/2 (bool, shaped like ``gates``)."""
+        return gates_lib.binary_mask(gates, family=self.family)
 
     def optimizer(self) -> optax.GradientTransformation:
+        """The recipe's optimiser for the gates: Adam with the learning-rate schedule."""
         return optax.adam(learning_rate_schedule(self.lr_schedule, self.learning_rate, self.num_steps, self.warmup_steps))

@@ -1,0 +1,131 @@
+"""The never-trained network: its weights from a seed or a params file, how a step stores them.
+
+Every ticket is defined on these weights, so they must come back bit for bit anywhere:
+
+* from a seed: ``model.init(weights_key(seed), zeros((1, *input_shape)), **init_kwargs)["params"]``,
+  computed under jit (XLA's simplifications can move an eager init by an ulp, a jitted one not).
+  The key is always Threefry (``jax.random.key(seed, impl="threefry2x32")``), whatever
+  ``jax_default_prng_impl`` says, so a ticket regenerates the same weights on every platform.
+* from a params file (``frozen_from``; e.g. pretrained weights): an ``.npz`` with one array per
+  parameter, keyed by its path name (``Dense_0/kernel``); its sha256 is recorded and checked.
+
+``round_frozen`` applies the run's storage dtype (``frozen_dtype``), and ``FrozenStorage`` is what
+a train step holds: the weights themselves, or only the seed's key, regenerated inside the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slt_jax import masking
+
+FROZEN_DTYPES = ("float32", "bfloat16")
+
+
+class FrozenWeightsError(ValueError):
+    """A params file is missing, unreadable, has other weights than recorded, or does not fit the model."""
+
+
+def weights_key(seed: int) -> jax.Array:
+    """The key the frozen weights are drawn from: Threefry, independent of the default PRNG."""
+    return jax.random.key(seed, impl="threefry2x32")
+
+
+def init_variables(model: Any, input_shape: tuple[int, ...], seed: int,
+                   init_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model's initial variables from the seed (jitted), as host arrays in plain dicts."""
+    dummy = jnp.zeros((1, *input_shape), jnp.float32)
+    init = jax.jit(lambda key: model.init(key, dummy, **(init_kwargs or {})))
+    return _plain(jax.device_get(init(weights_key(seed))))
+
+
+def _plain(tree: Any) -> Any:
+    # Flax may hand back FrozenDicts; everything downstream expects plain dicts.
+    return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_params_file(path: str, template: Any, sha256: str | None = None) -> Any:
+    """Weights from an ``.npz`` keyed by path name, shaped like ``template`` (every leaf present,
+    same shapes). With ``sha256``, a file whose content differs is refused."""
+    try:
+        digest = file_sha256(path)
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise FrozenWeightsError(f"frozen_from={path!r} cannot be read ({type(e).__name__}: {e}); allowed: an .npz "
+                                 "of arrays keyed by parameter path (e.g. Dense_0/kernel)") from None
+    if sha256 is not None and digest != sha256:
+        raise FrozenWeightsError(f"frozen_from={path!r} has sha256 {digest[:12]}..., the ticket was made on "
+                                 f"{sha256[:12]}...: these are other weights")
+    expected = {name: np.shape(leaf) for name, leaf in masking.named_leaves(template).items()}
+    missing = sorted(set(expected) - set(arrays))
+    wrong = sorted(n for n in expected if n in arrays and arrays[n].shape != expected[n])
+    if missing or wrong:
+        detail = f"lacks {', '.join(missing)}" if missing else f"has other shapes for {', '.join(wrong)}"
+        raise FrozenWeightsError(f"frozen_from={path!r} {detail}; allowed: every parameter of the model, keyed by "
+                                 "path name, with the model's shapes")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: np.asarray(arrays[masking.path_name(p)], np.float32), template)
+
+
+def save_params_file(path: str, params: Any) -> str:
+    """Writes ``params`` as a ``frozen_from`` file; returns its sha256."""
+    with open(path, "wb") as f:
+        np.savez(f, **{name: np.asarray(leaf) for name, leaf in masking.named_leaves(params).items()})
+    return file_sha256(path)
+
+
+def round_frozen(params: Any, frozen_dtype: str = "float32") -> Any:
+    """``params`` rounded to ``frozen_dtype`` and cast back to float32 (traceable).
+
+    These are the weights a run that stores its frozen weights in ``frozen_dtype`` computes with,
+    so they are the weights its ticket is defined on: with "bfloat16" a kept weight is
+    ``float32(bfloat16(w0))``, not ``w0``. "float32" changes nothing.
+    """
+    if frozen_dtype not in FROZEN_DTYPES:
+        raise ValueError(f"frozen_dtype={frozen_dtype!r}; allowed: {', '.join(FROZEN_DTYPES)}")
+    return jax.tree.map(lambda w: jnp.asarray(w, frozen_dtype).astype(jnp.float32), params)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenStorage:
+    """What a train step holds for the frozen weights (``stored``, its ``frozen`` argument) and the
+    traceable map ``to_params(stored)`` to the float32 weights (its ``frozen_fn``)."""
+
+    stored: Any
+    to_params: Callable[[Any], Any]
+
+
+def frozen_storage(model: Any, params: Any, input_shape: tuple[int, ...], seed: int, frozen_dtype: str = "float32",
+                   regenerate: bool = False, init_kwargs: dict[str, Any] | None = None) -> FrozenStorage:
+    """How the step holds ``params`` (the seed's weights, already ``round_frozen``-ed):
+
+    * default: the weights in ``frozen_dtype``, cast up to float32 in the step ("bfloat16" halves
+      their bytes);
+    * ``regenerate``: only the seed's key; the step re-runs the model's initialisers on every call,
+      so no weight buffer lives between steps, at the price of recomputing them. The key is a
+      traced input, so XLA cannot fold the weights into a constant.
+
+    Both give the same float32 weights bit for bit: the choice never changes a ticket.
+    """
+    if regenerate:
+        dummy = jnp.zeros((1, *input_shape), jnp.float32)
+        return FrozenStorage(jax.random.key_data(weights_key(seed)), lambda data: round_frozen(
+            model.init(jax.random.wrap_key_data(data, impl="threefry2x32"), dummy, **(init_kwargs or {}))["params"],
+            frozen_dtype))
+    stored = jax.tree.map(lambda w: jnp.asarray(w).astype(frozen_dtype), params)
+    return FrozenStorage(stored, lambda frozen: jax.tree.map(lambda w: w.astype(jnp.float32), frozen))

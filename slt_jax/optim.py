@@ -1,0 +1,38 @@
+"""Optax on a combined variables tree: updates on the gates, never on the frozen weights.
+
+``gates_only(tx)`` wraps any optimiser for a tree ``{"frozen": ..., "gates": ..., ...}`` (what
+``slt_jax.gated(...).init`` returns)::
+
+    updates["gates"]  = tx(grads["gates"])
+    updates[other]    = 0                      (optax.set_to_zero: no optimiser state either)
+
+built on ``optax.multi_transform``. ``optax.masked(tx, mask)`` alone would not do: it passes the
+unmasked leaves' gradients through unchanged as updates, so frozen weights would move.
+
+``stop_frozen(variables)`` stops gradients at the frozen weights, so ``jax.grad`` over the combined
+tree computes no weight gradient at all (XLA removes the dead computation); ``Gated.apply`` does it
+itself.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+GATES = "gates"
+
+
+def _labels(variables: Any) -> dict[str, Any]:
+    return {name: jax.tree.map(lambda _: GATES if name == GATES else "frozen", tree)
+            for name, tree in variables.items()}
+
+
+def gates_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` on the "gates" collection of a variables dict; zero updates (and no state) elsewhere."""
+    return optax.multi_transform({GATES: tx, "frozen": optax.set_to_zero()}, _labels)
+
+
+def stop_frozen(variables: dict[str, Any]) -> dict[str, Any]:
+    """``variables`` with ``jax.lax.stop_gradient`` on every collection but "gates"."""
+    return {name: tree if name == GATES else jax.lax.stop_gradient(tree) for name, tree in variables.items()}
