@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     # only the seed and re-runs the initialisers inside every step: same ticket, no weight buffer.
     c.frozen_dtype = "float32"
     c.regenerate_frozen = False
+    # A params file (.npz keyed by path name, e.g. Dense_0/kernel) to start from instead of the seed's
+    # weights, e.g. pretrained ones; the ticket records its sha256 and refuses other weights. "": the seed.
+    c.frozen_from = ""
 
     # Which leaves carry gates, and one gate per weight or per output unit.
     c.gate_policy = DEFAULT_POLICY

@@ -17,6 +17,7 @@ import signal
 from typing import Any
 
 import orbax.checkpoint as ocp
+from flax import serialization
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class Checkpointer:
         )
 
     def save(self, step: int, state: Any) -> None:
+        """Saves ``state`` (any pytree, e.g. a ``TrainState``) as nested dicts, asynchronously."""
+        state = serialization.to_state_dict(state)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         fingerprint=ocp.args.JsonSave(self.fingerprint)),
                           force=True)
@@ -55,8 +58,9 @@ class Checkpointer:
                     f"checkpoint {step} in {self.manager.directory} was made with a different config "
                     f"(differs in: {', '.join(diff)}); use another --workdir or the same config")
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))
-                return restored["state"]
+                as_dict = serialization.to_state_dict(template)
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_dict)))
+                return serialization.from_state_dict(template, restored["state"])
             except Exception as e:  # noqa: BLE001
                 self._discard(step, e)
         return None

@@ -1,7 +1,8 @@
 """The command line's contract: the summary as the last stdout line, one-line errors, exit codes.
 
 Exit 0 on success or after a SIGTERM checkpoint (preemption: re-run to resume); exit 2 for bad
-input (config, data, workdir); exit 3 when training diverged.
+input (config, data, params file, workdir); exit 3 when training diverged. Any other exception is
+a bug of ours and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import ml_collections
 
 from slt_jax.checkpoint import CheckpointMismatch
 from slt_jax.data import DataError
-from slt_jax.train import ConfigError, Preempted, TrainingDiverged, default_workdir, train_and_evaluate
+from slt_jax.frozen import FrozenWeightsError
+from slt_jax.run_config import ConfigError, default_workdir
+from slt_jax.train import Preempted, TrainingDiverged, train_and_evaluate
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
 
@@ -40,7 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None) -> int:
         return 0
     except TrainingDiverged as e:
         return fail(str(e), EXIT_DIVERGED)
-    except (ConfigError, DataError, CheckpointMismatch) as e:
+    except (ConfigError, DataError, FrozenWeightsError, CheckpointMismatch) as e:
         return fail(str(e), EXIT_BAD_INPUT)
     print(json.dumps(summary))
     return 0

@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -96,15 +97,15 @@ def plot_layer_sparsity(layer_sparsity: Mapping[str, float], path: str, overall:
     return fig
 
 
-def plot_gate_histogram(gates: Mapping[str, Any], kept: Mapping[str, Any], path: str,
+def plot_gate_histogram(gates: Any, kept: Any, path: str,
                         parameter: str = "gate parameter", title: str = "", bins: int = 100) -> Figure:
     """Histogram of every gate parameter, pooled over leaves, kept and dropped gates stacked.
 
-    ``kept`` holds the binary ticket (bool arrays shaped like the gates), so the keep rule
-    of any gate family or method shows as the boundary between the two colours.
+    ``gates`` is a gate tree and ``kept`` the binary ticket (bool arrays, the same tree), so the
+    keep rule of any gate family or method shows as the boundary between the two colours.
     """
-    params = np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in gates.values()])
-    keep = np.concatenate([np.ravel(np.asarray(kept[n], bool)) for n in gates])
+    params = np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in jax.tree.leaves(gates)])
+    keep = np.concatenate([np.ravel(np.asarray(k, bool)) for k in jax.tree.leaves(kept)])
     fig = Figure(figsize=(6.5, 3.6), layout="constrained")
     ax = fig.subplots()
     edges = np.histogram_bin_edges(params, bins=bins)
@@ -117,12 +118,11 @@ def plot_gate_histogram(gates: Mapping[str, Any], kept: Mapping[str, Any], path:
     return fig
 
 
-def write_run_plots(workdir: str, summary: Mapping[str, Any], gates: Mapping[str, Any],
-                    kept: Mapping[str, Any]) -> list[str]:
+def write_run_plots(workdir: str, summary: Mapping[str, Any], gates: Any, kept: Any) -> list[str]:
     """Writes the ``PLOT_FILES`` of a finished run into ``workdir``; returns their file names.
 
     ``summary`` is the run's summary (method, model, target_sparsity, sparsity, layer_sparsity);
-    ``gates`` the final gate parameters and ``kept`` the binary ticket, both keyed by leaf name.
+    ``gates`` the final gate tree and ``kept`` the binary ticket, both shaped like the params.
     """
     method = summary["method"]
     name = f"{method} on {summary['model']}"

@@ -1,0 +1,97 @@
+"""``GatedModel(model, method)``: any Flax NNX model, with its weights frozen and ``Gate`` variables.
+
+The NNX counterpart of ``slt_jax.gated`` (Linen), and the same pattern as NNX's own LoRA: the
+trainable state is a variable type of its own, ``Gate``, that an optimiser selects with
+``wrt=Gate``; the model's ``nnx.Param`` weights are never differentiated nor updated.
+
+Data flow of one call ``gated(x, key=k, step=t)``::
+
+    graphdef, W, rest = nnx.split(model, nnx.Param, ...)       # W: the frozen weights
+    m      = method.train_masks(g, k, t)     with key k (a noisy training sample of the gates g)
+           = method.binary_masks(g)          without a key (the ticket: bool, where(m, W, 0))
+    W'     = apply_masks(stop_gradient(W), m)                  # same rule as Linen: slt_jax.masking
+    logits = nnx.merge(graphdef, W', rest)(x)
+
+``nnx.merge`` reuses ``rest``'s variables, so the model's other state (BatchNorm statistics,
+dropout RNG counts) is updated in place as if the model had been called directly; ``W'`` lives in
+fresh variables, so the model's own weights are never overwritten. Gates, masks and ``W`` are
+plain nested dicts shaped like ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``, with None where a
+leaf is not gated: path names (``l1/kernel``) are the Linen ones, so ``policy`` and structured
+gating (one gate per output unit that also closes the unit's bias) behave exactly as with Linen.
+
+One step of a ticket search (CRBG's multiplier state ``s`` included)::
+
+    gated = GatedModel(model, method, rngs=nnx.Rngs(1))
+    optimizer = nnx.Optimizer(gated, optax.adam(0.05), wrt=Gate)
+
+    def loss_fn(gated):
+        ce = cross_entropy(gated(x, key=k, step=t), y)
+        penalty, aux = method.penalty(gated.gate_tree(), s, t)
+        return ce + penalty, aux
+
+    grads, aux = nnx.grad(loss_fn, argnums=nnx.DiffState(0, Gate), has_aux=True)(gated)
+    optimizer.update(gated, grads)
+    s = method.update_state(s, aux)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from slt_jax import masking
+
+Array = jax.Array
+GateTree = Any  # params-shaped: an array per gated leaf, None elsewhere
+
+
+class Gate(nnx.Variable):
+    """A method's gate parameters (CRBG's mu, edge-popup's scores): the only variables a ticket
+    search trains. Select them with ``wrt=Gate`` / ``nnx.DiffState(0, Gate)``."""
+
+
+def _is_gate(x: Any) -> bool:
+    return isinstance(x, Gate)
+
+
+class GatedModel(nnx.Module):
+    """An NNX model's frozen weights and a method's gates; see the module docstring.
+
+    Args:
+      model: any NNX module; it knows nothing of gates, and its ``nnx.Param`` weights stay frozen.
+      method: a ``slt_jax.methods.Method`` (CRBG, EdgePopup, ...).
+      rngs: the gates' initialisation key comes from its ``gates`` stream (else its default one).
+      policy: regex over parameter path names (default: every kernel).
+      structured: one gate per output unit / channel / head; the unit's bias closes with it.
+      structured_policy: regex picking the gated leaves that get structured gates ("" = all).
+    """
+
+    def __init__(self, model: nnx.Module, method: Any, *, rngs: nnx.Rngs, policy: str = masking.DEFAULT_POLICY,
+                 structured: bool = False, structured_policy: str = ""):
+        self.model = model
+        self.method = method
+        shapes = masking.gate_shapes(self.frozen(), policy, structured, structured_policy)
+        # nnx.data: a dict attribute is static for NNX unless marked; tree.map leaves the None leaves None.
+        self.gates = nnx.data(jax.tree.map(Gate, method.init(rngs.gates(), shapes)))
+
+    def frozen(self) -> masking.Params:
+        """The frozen weights, a plain nested dict (``nnx.to_pure_dict`` of the model's ``nnx.Param``s)."""
+        return nnx.to_pure_dict(nnx.state(self.model, nnx.Param))
+
+    def gate_tree(self) -> GateTree:
+        """The gates as the plain params-shaped tree the ``Method`` functions take (penalty, ...)."""
+        return jax.tree.map(lambda g: g[...], self.gates, is_leaf=_is_gate)
+
+    def masks(self, key: Array | None = None, step: Any = 0) -> GateTree:
+        """A training sample of the masks with ``key``; without one, the binary ticket's masks."""
+        gates = self.gate_tree()
+        return self.method.binary_masks(gates) if key is None else self.method.train_masks(gates, key, step)
+
+    def __call__(self, *args: Any, key: Array | None = None, step: Any = 0, **kwargs: Any) -> Any:
+        """The model called on its gated weights. ``key`` samples training masks (at ``step``, which
+        sets e.g. CRBG's temperature); without it the binary ticket is applied."""
+        graphdef, weights, rest = nnx.split(self.model, nnx.Param, ...)
+        # stop_gradient: even a gradient taken w.r.t. nnx.Param is zero for the frozen weights.
+        masked = masking.apply_masks(jax.lax.stop_gradient(weights), self.masks(key, step))
+        return nnx.merge(graphdef, masked, rest)(*args, **kwargs)

@@ -1,0 +1,181 @@
+"""A run's config: every value checked before anything is loaded or written, and what it resolves to.
+
+``validate_config`` checks each key of ``configs/default.py`` against its type and range (a key
+with no rule here is a library bug, caught by the tests). Checks that need the data or the
+model (batch size against the training set, a gate policy that matches no parameter) happen in
+``slt_jax.train`` as soon as those exist. The config itself is never written: resolved values
+(step counts) travel as arguments.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from slt_jax.frozen import FROZEN_DTYPES
+from slt_jax.methods import METHODS
+from slt_jax.methods.schedules import SCHEDULES
+from slt_jax.models import MODELS
+from slt_jax.models.inits import WEIGHT_INITS
+from slt_jax.ticket import MASK_CODINGS
+
+# Keys that do not change what a run computes: a resumed run may change them freely.
+NON_SEMANTIC_KEYS = ("eval_every", "log_every", "checkpoint_every", "num_devices", "progress", "eval_batch_size",
+                     "plots", "distributed", "ticket_coding", "regenerate_frozen")
+
+
+class ConfigError(ValueError):
+    """A config value outside what is allowed; the message names the key and the allowed values."""
+
+
+def _int(lo: int, hi: float = math.inf) -> Callable[[Any], str | None]:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            return f"an integer in [{lo}, {hi if hi != math.inf else 'inf'}]" if hi != math.inf else f"an integer >= {lo}"
+        return None
+    return check
+
+
+def _number(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+    def check(v):
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+        if ok:
+            return None
+        left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+        return f"a number in {left}{lo}, {hi if hi != math.inf else 'inf'}{right}"
+    return check
+
+
+def _one_of(options) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else ", ".join(map(str, options))
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+def _bool(v) -> str | None:
+    return None if isinstance(v, bool) else "True or False"
+
+
+def _regex(v) -> str | None:
+    if not isinstance(v, str):
+        return "a Python regex"
+    try:
+        re.compile(v)
+    except re.error as e:
+        return f"a Python regex ({v!r} is not a valid regular expression: {e})"
+    return None
+
+
+def _string(v) -> str | None:
+    return None if isinstance(v, str) else "a string"
+
+
+def _dataset(v) -> str | None:
+    ok = isinstance(v, str) and (v in ("digits", "synthetic") or v.startswith(("npz:", "tfds:")))
+    return None if ok else "digits, synthetic, npz:PATH, tfds:NAME"
+
+
+def _shape(v) -> str | None:
+    ok = (isinstance(v, (tuple, list)) and len(v) == 3 and all(isinstance(n, int) and n >= 1 for n in v)
+          and v[2] in (1, 3))
+    return None if ok else "(H, W, C) with H, W >= 1 and C in {1, 3}"
+
+
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "model": _one_of(sorted(MODELS)),
+    "method": _one_of(sorted(METHODS)),
+    "dataset": _dataset,
+    "sparsity": _number(0.0, 1.0, hi_open=True),
+    "batch_size": _int(1),
+    "num_steps": _int(0),
+    "num_epochs": _number(0.0),
+    "seed": _int(0, 2**32 - 1),
+    "learning_rate": _optional(_number(0.0, lo_open=True)),
+    "lr_schedule": _optional(_one_of(SCHEDULES)),
+    "warmup_epochs": _number(0.0),
+    "label_smoothing": _number(0.0, 1.0, hi_open=True),
+    "logit_scale": _number(0.0, lo_open=True),
+    "weight_init": _one_of(WEIGHT_INITS),
+    "init_scale": _optional(_number(0.0, lo_open=True)),
+    "use_bias": _bool,
+    "width": _number(0.0, lo_open=True),
+    "frozen_dtype": _one_of(FROZEN_DTYPES),
+    "regenerate_frozen": _bool,
+    "frozen_from": _string,
+    "gate_policy": _regex,
+    "structured": _bool,
+    "structured_policy": _regex,
+    "ticket_coding": _one_of(MASK_CODINGS),
+    "val_fraction": _number(0.0, 1.0, lo_open=True, hi_open=True),
+    "split_seed": _int(0, 2**32 - 1),
+    "num_classes": _int(2),
+    "synthetic_shape": _shape,
+    "synthetic_size": _int(1),
+    "augment": _string,  # its allowed values depend on the dataset: checked where tfds data is built
+    "tfds_data_dir": _string,
+    "log_every": _int(1),
+    "eval_every": _int(1),
+    "checkpoint_every": _int(0),
+    "eval_batch_size": _int(1),
+    "num_devices": _int(0),
+    "progress": _bool,
+    "plots": _bool,
+    "distributed": _bool,
+}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first bad value and what is allowed."""
+    for key, value in config.items():
+        if key in METHODS:
+            _validate_method(key, value)
+            continue
+        if key not in RULES:
+            raise KeyError(f"config key {key!r} has no validation rule in slt_jax.run_config.RULES")
+        allowed = RULES[key](value)
+        if allowed is not None:
+            raise ConfigError(f"{key}={value!r}; allowed: {allowed}")
+    if config.num_steps == 0 and config.num_epochs <= 0:
+        raise ConfigError(f"num_steps={config.num_steps}, num_epochs={config.num_epochs}; allowed: num_steps > 0, "
+                          "or num_steps = 0 and num_epochs > 0")
+    if config.frozen_from and config.regenerate_frozen:
+        raise ConfigError("regenerate_frozen=True with frozen_from; allowed: one of them (a params file cannot "
+                          "be regenerated from a seed)")
+
+
+def _validate_method(name: str, sub: ml_collections.ConfigDict) -> None:
+    # The dataclass's own checks (unknown family, scope, lambda_mode, ...) run on a throwaway instance.
+    try:
+        METHODS[name](num_steps=1, **sub.to_dict())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config keys that shape the training state; checkpoints from another fingerprint are refused."""
+    d = json.loads(config.to_json())
+    out = {k: v for k, v in sorted(d.items()) if k not in NON_SEMANTIC_KEYS}
+    # The training noise's PRNG decides the checkpointed key's shape and every mask drawn from it.
+    out["prng_impl"] = str(jax.config.jax_default_prng_impl)
+    return out
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> str:
+    """runs/MODEL-METHOD-HASH: the same command resumes, a different config gets its own directory."""
+    digest = hashlib.sha256(json.dumps(fingerprint(config), sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join("runs", f"{config.model}-{config.method}-{digest}")
+
+
+def model_spec(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    """The JSON-able zoo spec a ticket records (``slt_jax.models.create_model``)."""
+    return {"name": config.model, "num_classes": num_classes, "weight_init": config.weight_init,
+            "init_scale": config.init_scale, "use_bias": config.use_bias, "width": config.width}
