@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from slt_jax import sharding  # noqa: E402
-from slt_jax.train import Run, make_train_step  # noqa: E402
+from slt_jax.train import Run  # noqa: E402
 from step_time import bench_config, first_batch, median_ms, method_step  # noqa: E402
 
 OPTIONS = {"float32": {"frozen_dtype": "float32"}, "bfloat16": {"frozen_dtype": "bfloat16"},
@@ -43,15 +43,15 @@ def optimiser_report(model: str) -> dict[str, Any]:
                                      ("crbg_structured", "crbg", True)):
         run = Run(bench_config(model, method, structured=structured), "")
         state = run.initial_state()
-        out[name] = {"gates": sum(g.size for g in state["gates"].values()), "gate_bytes": nbytes(state["gates"]),
-                     "opt_state_bytes": nbytes(state["opt_state"])}
+        out[name] = {"gates": sum(g.size for g in jax.tree.leaves(state.gates)), "gate_bytes": nbytes(state.gates),
+                     "opt_state_bytes": nbytes(state.opt_state)}
         out[name]["opt_state_per_gate_byte"] = round(out[name]["opt_state_bytes"] / out[name]["gate_bytes"], 4)
     return out
 
 
 def compiled_bytes(run: Run) -> dict[str, int]:
     """XLA's accounting of the compiled CRBG step: its inputs, and its scratch space."""
-    step = make_train_step(run.model, run.method, run.optimizer, frozen_fn=run.frozen_fn)
+    step = run.train_step()
     state = sharding.replicate(run.initial_state(), run.mesh)
     x, y = first_batch(run)
     analysis = step.lower(state, run.frozen, x, y).compile().memory_analysis()

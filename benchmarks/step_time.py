@@ -4,11 +4,14 @@
     python benchmarks/step_time.py --json     # one JSON line
     python benchmarks/step_time.py --models lenet300 --reps 200
 
-CRBG and edge-popup run the project's own jitted step (``slt_jax.train.make_train_step``) built
+CRBG and edge-popup run the project's own jitted step (``slt_jax.step.make_train_step``) built
 by the real harness (``slt_jax.train.Run``) on the ``synthetic`` dataset: the methods' masking,
 penalty, optimiser and metrics are all inside the timed step. "Dense" trains the weights of the
 same Flax model with the same loss and Adam, as an ordinary Flax training step would.
-``crbg_sample_ms`` times CRBG's gate sample alone (a Gaussian per gate): the dense step plus it
+``crbg_gated_ms`` is the same CRBG step written as a user of ``slt_jax.gated`` writes it: ``jax.grad``
+over the whole variables tree ``{"frozen", "gates"}`` with ``slt_jax.gates_only(tx)``; ``Gated.apply``
+stops gradients at the frozen weights, so it should cost what the gates-only step costs
+(``gated_over_step``). ``crbg_sample_ms`` times CRBG's gate sample alone (a Gaussian per gate): the dense step plus it
 is a floor under the CRBG step, reported as ``crbg_floor_over_dense``.
 
 Each step is compiled and warmed up first; every timed call ends with ``block_until_ready``.
@@ -19,6 +22,7 @@ reference for what this CPU can do.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -34,9 +38,11 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import slt_jax  # noqa: E402
 from configs import default  # noqa: E402
 from slt_jax import sharding  # noqa: E402
-from slt_jax.train import Run, classification_loss, make_train_step  # noqa: E402
+from slt_jax.step import classification_loss  # noqa: E402
+from slt_jax.train import Run  # noqa: E402
 
 BATCH = 128  # the default; --batch changes it
 # resnet50 (CIFAR stem, BatchNorm statistics) is for accelerators: ``--models resnet50 --batch 256``.
@@ -82,7 +88,7 @@ def first_batch(run: Run) -> tuple[jax.Array, jax.Array]:
 
 def method_step(run: Run) -> Callable[[], Any]:
     """One call of the project's jitted step, state threaded through (it is donated)."""
-    train_step = make_train_step(run.model, run.method, run.optimizer, frozen_fn=run.frozen_fn)
+    train_step = run.train_step()
     state = sharding.replicate(run.initial_state(), run.mesh)
     x, y = first_batch(run)
     holder = [state]
@@ -98,8 +104,38 @@ def sample_step(run: Run) -> Callable[[], Any]:
     """The method's training sample of the gates alone (for CRBG: one Gaussian per gate, clipped):
     work the method's step cannot skip, so ``dense_ms + crbg_sample_ms`` is a floor under ``crbg_ms``."""
     sample = jax.jit(run.method.train_masks)
-    gates, key, step = run.initial_state()["gates"], jax.random.PRNGKey(0), jnp.int32(0)
+    gates, key, step = run.initial_state().gates, jax.random.PRNGKey(0), jnp.int32(0)
     return lambda: jax.block_until_ready(sample(gates, key, step))
+
+
+def gated_step(run: Run) -> Callable[[], Any]:
+    """The method's step through ``slt_jax.gated`` + ``gates_only``, differentiating every variable."""
+    model, method = slt_jax.gated(run.model, run.method), run.method
+    tx = slt_jax.gates_only(run.optimizer)
+    state = run.initial_state()
+    variables = {"frozen": run.frozen_params(run.frozen), "gates": state.gates}
+    loss_of = classification_loss()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def train_step(variables, opt_state, method_state, step, x, y):
+        def loss_fn(variables):
+            logits = model.apply(variables, x, rngs={"gates": jax.random.fold_in(state.rng, step)}, step=step,
+                                 train=True)
+            penalty, aux = method.penalty(variables["gates"], method_state, step)
+            return loss_of(logits, y) + penalty, aux
+
+        grads, aux = jax.grad(loss_fn, has_aux=True)(variables)
+        updates, opt_state = tx.update(grads, opt_state, variables)
+        return optax.apply_updates(variables, updates), opt_state, method.update_state(method_state, aux)
+
+    holder = [variables, tx.init(variables), state.method_state]
+    x, y = first_batch(run)
+
+    def step():
+        holder[:] = train_step(*holder, jnp.int32(0), x, y)
+        jax.block_until_ready(holder)
+
+    return step
 
 
 def dense_step(run: Run) -> Callable[[], Any]:
@@ -205,6 +241,8 @@ def measure(model: str, reps: int, batch: int = BATCH) -> dict[str, float]:
     runs = {m: Run(bench_config(model, m, batch), "") for m in ("crbg", "edgepopup")}
     steps = {"dense_ms": dense_step(runs["crbg"]), "crbg_ms": method_step(runs["crbg"]),
              "edgepopup_ms": method_step(runs["edgepopup"]), "crbg_sample_ms": sample_step(runs["crbg"])}
+    if not runs["crbg"].initial_model_state:  # the gated() user step here keeps no BatchNorm statistics
+        steps["crbg_gated_ms"] = gated_step(runs["crbg"])
     out = median_ms(steps, reps)
     # Timed apart from ours: PyTorch's OpenMP threads keep spinning after each op and would steal
     # the cores from the XLA step that follows (interleaved, they made our dense Conv4 step 1.7x slower).
@@ -212,6 +250,8 @@ def measure(model: str, reps: int, batch: int = BATCH) -> dict[str, float]:
     out["crbg_over_dense"] = out["crbg_ms"] / out["dense_ms"]
     out["crbg_floor_over_dense"] = (out["dense_ms"] + out["crbg_sample_ms"]) / out["dense_ms"]
     out["edgepopup_over_dense"] = out["edgepopup_ms"] / out["dense_ms"]
+    if "crbg_gated_ms" in out:
+        out["gated_over_step"] = out["crbg_gated_ms"] / out["crbg_ms"]
     if "torch_dense_ms" in out:
         out["torch_edgepopup_over_dense"] = out["torch_edgepopup_ms"] / out["torch_dense_ms"]
         out["torch_edgepopup_over_ours"] = out["torch_edgepopup_ms"] / out["edgepopup_ms"]

@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from slt_jax import masking
 from slt_jax.models.convnets import ConvNet
 from slt_jax.models.mlp import MLP
 
@@ -27,7 +28,7 @@ def _layers(params: dict[str, Any], prefix: str) -> list[str]:
 
 
 def _unit_keep(ticket, layer: str, width: int) -> np.ndarray:
-    gate = ticket.gate_masks.get(f"{layer}/kernel")
+    gate = masking.named_leaves(ticket.gate_masks).get(f"{layer}/kernel")
     if gate is None:
         return np.ones(width, bool)
     return np.asarray(gate, bool).reshape(-1)

@@ -37,12 +37,15 @@ class Gated:
 
     def init(self, rngs: jax.Array | dict[str, jax.Array], *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Variables ``{"frozen", "gates", ...}``. ``rngs``: ``{"params": k1, "gates": k2}``, or one
-        key k: the weights are then exactly ``module.init(k, ...)``'s and the gates use fold_in(k, 1)."""
+        key k: the weights are then exactly ``module.init(k, ...)``'s and the gates use fold_in(k, 1).
+
+        The module's init runs under jit, as ``slt_jax.init_variables`` (and so ``load_ticket``)
+        runs it: an eager init can differ from a jitted one by an ulp. ``kwargs`` are static."""
         if not isinstance(rngs, dict):
             rngs = {"params": rngs, GATES: jax.random.fold_in(rngs, 1)}
         gates_key = rngs[GATES]
         others = {k: v for k, v in rngs.items() if k != GATES}
-        variables = dict(self.module.init(others, *args, **kwargs))
+        variables = dict(jax.jit(lambda r, *a: self.module.init(r, *a, **kwargs))(others, *args))
         frozen = variables.pop("params")
         return {FROZEN: frozen, GATES: self.method.init(gates_key, self.gate_shapes(frozen)), **variables}
 
