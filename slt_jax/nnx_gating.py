@@ -41,6 +41,7 @@ import jax
 from flax import nnx
 
 from slt_jax import masking
+from slt_jax.methods import Method
 
 Array = jax.Array
 GateTree = Any  # params-shaped: an array per gated leaf, None elsewhere
@@ -67,12 +68,13 @@ class GatedModel(nnx.Module):
       structured_policy: regex picking the gated leaves that get structured gates ("" = all).
     """
 
-    def __init__(self, model: nnx.Module, method: Any, *, rngs: nnx.Rngs, policy: str = masking.DEFAULT_POLICY,
+    def __init__(self, model: nnx.Module, method: Method, *, rngs: nnx.Rngs, policy: str = masking.DEFAULT_POLICY,
                  structured: bool = False, structured_policy: str = ""):
         self.model = model
         self.method = method
         shapes = masking.gate_shapes(self.frozen(), policy, structured, structured_policy)
-        # nnx.data: a dict attribute is static for NNX unless marked; tree.map leaves the None leaves None.
+        # nnx.data: NNX refuses Variables inside a plain dict attribute unless it is marked as data.
+        # tree.map keeps the None leaves, so the stored tree is still shaped like the params.
         self.gates = nnx.data(jax.tree.map(Gate, method.init(rngs.gates(), shapes)))
 
     def frozen(self) -> masking.Params:
@@ -83,12 +85,12 @@ class GatedModel(nnx.Module):
         """The gates as the plain params-shaped tree the ``Method`` functions take (penalty, ...)."""
         return jax.tree.map(lambda g: g[...], self.gates, is_leaf=_is_gate)
 
-    def masks(self, key: Array | None = None, step: Any = 0) -> GateTree:
+    def masks(self, key: Array | None = None, step: int | Array = 0) -> GateTree:
         """A training sample of the masks with ``key``; without one, the binary ticket's masks."""
         gates = self.gate_tree()
         return self.method.binary_masks(gates) if key is None else self.method.train_masks(gates, key, step)
 
-    def __call__(self, *args: Any, key: Array | None = None, step: Any = 0, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, key: Array | None = None, step: int | Array = 0, **kwargs: Any) -> Any:
         """The model called on its gated weights. ``key`` samples training masks (at ``step``, which
         sets e.g. CRBG's temperature); without it the binary ticket is applied."""
         graphdef, weights, rest = nnx.split(self.model, nnx.Param, ...)
