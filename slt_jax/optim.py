@@ -4,7 +4,7 @@
 ``slt_jax.gated(...).init`` returns)::
 
     updates["gates"]  = tx(grads["gates"])
-    updates[other]    = 0                      (optax.set_to_zero: no optimiser state either)
+    updates[other]    = -0.0                   (no optimiser state either)
 
 built on ``optax.multi_transform``. ``optax.masked(tx, mask)`` alone would not do: it passes the
 unmasked leaves' gradients through unchanged as updates, so frozen weights would move.
@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 GATES = "gates"
@@ -28,9 +29,20 @@ def _labels(variables: Any) -> dict[str, Any]:
             for name, tree in variables.items()}
 
 
+def _negative_zero() -> optax.GradientTransformation:
+    # optax.set_to_zero, but -0.0: optax.apply_updates adds the update, and w + (-0.0) is w bit for bit
+    # for every w, while w + 0.0 turns a frozen -0.0 (e.g. a pruned pretrained weight) into +0.0.
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def gates_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` on the "gates" collection of a variables dict; zero updates (and no state) elsewhere."""
-    return optax.multi_transform({GATES: tx, "frozen": optax.set_to_zero()}, _labels)
+    """``tx`` on the "gates" collection of a variables dict; updates of -0.0 (``apply_updates``
+    leaves those leaves bit-identical) and no optimiser state elsewhere."""
+    return optax.multi_transform({GATES: tx, "frozen": _negative_zero()}, _labels)
 
 
 def stop_frozen(variables: dict[str, Any]) -> dict[str, Any]:

@@ -1,21 +1,26 @@
-"""Parameter-level gating: policies, gate shapes, exact mask application, and a user's own model."""
+"""Parameter-level gating: policies, params-shaped gate trees, exact mask application, and a user's own model."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from slt_jax import masking
+from slt_jax.frozen import init_variables
 from slt_jax.methods.crbg import CRBG
 from slt_jax.methods.edgepopup import EdgePopup
 from slt_jax.models import create_model
-from slt_jax.ticket import init_variables
-from slt_jax.train import make_train_step
+from slt_jax.step import TrainState, make_train_step
+
+IS_NONE = lambda x: x is None  # noqa: E731
 
 
 def _spec(name, use_bias=False):
     return {"name": name, "num_classes": 10, "weight_init": "signed_kaiming", "use_bias": use_bias, "width": 0.25}
+
+
+def _params(name, input_shape, use_bias=False):
+    return init_variables(create_model(_spec(name, use_bias)), input_shape, 0, {"train": False})["params"]
 
 
 def _with_random_biases(params, seed=0):
@@ -26,33 +31,47 @@ def _with_random_biases(params, seed=0):
         lambda p, w: jax.random.normal(next(keys), w.shape) if masking.path_name(p).endswith("bias") else w, params)
 
 
+def _structure(tree):
+    return jax.tree.structure(tree, is_leaf=IS_NONE)
+
+
+def _full(shapes, value, dtype=None):
+    """A gate tree shaped like ``shapes`` (gate_shapes' template), every gate ``value``."""
+    return jax.tree.map(lambda s: jnp.full(s.shape, value, dtype or s.dtype), shapes)
+
+
 @pytest.mark.parametrize("name, input_shape, kernels", [
     ("digits_mlp", (8, 8, 1), ["Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"]),
     ("conv2", (8, 8, 3), ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"]),
 ])
 def test_default_policy_gates_every_kernel_with_the_right_shapes(name, input_shape, kernels):
-    params = init_variables(_spec(name, use_bias=True), input_shape, 0)["params"]
+    params = _params(name, input_shape, use_bias=True)
     leaves = masking.named_leaves(params)
     unstructured = masking.gate_shapes(params)
-    assert sorted(unstructured) == sorted(kernels)  # first and last layer included, biases not
+    # Shaped like the params: the same tree, None at every ungated leaf (the biases).
+    assert _structure(unstructured) == _structure(params)
+    named = masking.named_leaves(unstructured)
+    assert sorted(named) == sorted(kernels)  # first and last layer included, biases not
+    for layer in params:
+        assert unstructured[layer]["bias"] is None
     for k in kernels:
-        assert unstructured[k] == leaves[k].shape
-    structured = masking.gate_shapes(params, structured=True)
+        assert isinstance(named[k], jax.ShapeDtypeStruct)
+        assert named[k].shape == leaves[k].shape and named[k].dtype == jnp.float32
+    structured = masking.named_leaves(masking.gate_shapes(params, structured=True))
     for k in kernels:
         shape = leaves[k].shape
-        assert structured[k] == (1,) * (len(shape) - 1) + (shape[-1],)
+        assert structured[k].shape == (1,) * (len(shape) - 1) + (shape[-1],)
 
 
 def test_structured_policy_gives_unit_gates_to_matching_leaves_only():
-    params = init_variables(_spec("digits_mlp", use_bias=True), (8, 8, 1), 0)["params"]
+    params = _params("digits_mlp", (8, 8, 1), use_bias=True)
     leaves = masking.named_leaves(params)
     shapes = masking.gate_shapes(params, structured=True, structured_policy=r"^Dense_[01]/")
-    assert shapes["Dense_0/kernel"] == (1, leaves["Dense_0/kernel"].shape[-1])
-    assert shapes["Dense_1/kernel"] == (1, leaves["Dense_1/kernel"].shape[-1])
-    assert shapes["Dense_2/kernel"] == leaves["Dense_2/kernel"].shape
+    assert shapes["Dense_0"]["kernel"].shape == (1, leaves["Dense_0/kernel"].shape[-1])
+    assert shapes["Dense_1"]["kernel"].shape == (1, leaves["Dense_1/kernel"].shape[-1])
+    assert shapes["Dense_2"]["kernel"].shape == leaves["Dense_2/kernel"].shape
     # The per-weight classifier gates leave its bias alone; the unit gates close their units' biases.
-    gated = {n for n, m in masking.full_masks(params, {k: np.ones(v, bool) for k, v in shapes.items()}).items()
-             if m is not None}
+    gated = set(masking.named_leaves(masking.leaf_masks(params, _full(shapes, True, bool))))
     assert gated == {"Dense_0/kernel", "Dense_0/bias", "Dense_1/kernel", "Dense_1/bias", "Dense_2/kernel"}
     assert masking.gate_shapes(params, structured=False, structured_policy=r"^Dense_0/") == masking.gate_shapes(params)
     with pytest.raises(ValueError, match="structured_policy"):
@@ -60,11 +79,15 @@ def test_structured_policy_gives_unit_gates_to_matching_leaves_only():
 
 
 def test_policy_selects_leaves_and_rejects_a_policy_matching_nothing():
-    params = init_variables(_spec("digits_mlp"), (8, 8, 1), 0)["params"]
-    assert list(masking.gate_shapes(params, policy=r"^Dense_1/")) == ["Dense_1/kernel"]
+    params = _params("digits_mlp", (8, 8, 1))
+    shapes = masking.gate_shapes(params, policy=r"^Dense_1/")
+    assert list(masking.named_leaves(shapes)) == ["Dense_1/kernel"]
+    assert shapes["Dense_0"]["kernel"] is None and shapes["Dense_2"]["kernel"] is None
     with pytest.raises(ValueError, match="Dense_9") as err:
         masking.gate_shapes(params, policy=r"Dense_9")
     assert "Dense_0/kernel" in str(err.value)  # names what exists
+    with pytest.raises(ValueError, match="gate_policy"):
+        masking.gate_shapes(params, policy="kernel[")
 
 
 def test_bool_mask_is_exactly_where_mask_w_zero():
@@ -73,7 +96,7 @@ def test_bool_mask_is_exactly_where_mask_w_zero():
     params = {"Dense_0": {"kernel": w}}
     mask = jax.random.bernoulli(jax.random.PRNGKey(1), 0.3, w.shape)
     for apply in (masking.apply_masks, jax.jit(masking.apply_masks)):
-        out = np.asarray(apply(params, {"Dense_0/kernel": mask})["Dense_0"]["kernel"])
+        out = np.asarray(apply(params, {"Dense_0": {"kernel": mask}})["Dense_0"]["kernel"])
         expected = np.where(np.asarray(mask), np.asarray(w), np.float32(0))
         np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))  # bit-identical, +0.0 for dropped
 
@@ -81,11 +104,11 @@ def test_bool_mask_is_exactly_where_mask_w_zero():
 def test_gates_at_one_give_the_plain_model():
     spec = _spec("conv2", use_bias=True)
     model = create_model(spec)
-    params = _with_random_biases(init_variables(spec, (8, 8, 3), 0)["params"])
+    params = _with_random_biases(_params("conv2", (8, 8, 3), use_bias=True))
     x = jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 3))
     plain = model.apply({"params": params}, x)
     for structured in (False, True):
-        ones = {k: jnp.ones(s) for k, s in masking.gate_shapes(params, structured=structured).items()}
+        ones = _full(masking.gate_shapes(params, structured=structured), 1.0)
         gated = model.apply({"params": masking.apply_masks(params, ones)}, x)
         np.testing.assert_array_equal(gated, plain)
 
@@ -93,12 +116,13 @@ def test_gates_at_one_give_the_plain_model():
 def test_structured_gate_closes_the_whole_unit_bias_included():
     spec = _spec("digits_mlp", use_bias=True)
     model = create_model(spec)
-    params = _with_random_biases(init_variables(spec, (8, 8, 1), 0)["params"])
+    params = _with_random_biases(_params("digits_mlp", (8, 8, 1), use_bias=True))
     shapes = masking.gate_shapes(params, structured=True)
     closed = np.array([0, 5, 17])
-    gate = np.ones(shapes["Dense_0/kernel"], bool)
+    gate = np.ones(shapes["Dense_0"]["kernel"].shape, bool)
     gate[0, closed] = False
-    masks = {k: jnp.ones(s, bool) for k, s in shapes.items()} | {"Dense_0/kernel": jnp.asarray(gate)}
+    masks = _full(shapes, True, bool)
+    masks["Dense_0"]["kernel"] = jnp.asarray(gate)
     gated = masking.apply_masks(params, masks)
     assert np.all(np.asarray(gated["Dense_0"]["bias"])[closed] == 0)
     np.testing.assert_array_equal(np.delete(np.asarray(gated["Dense_0"]["bias"]), closed),
@@ -109,36 +133,44 @@ def test_structured_gate_closes_the_whole_unit_bias_included():
     assert np.all(pre_activation[:, closed] == 0.0)  # exactly 0, so ReLU outputs exactly 0
     assert np.all(np.delete(pre_activation, closed, axis=1) != 0.0)
     # A soft structured gate scales the unit's weights and bias by the same factor.
-    soft = jnp.linspace(0.0, 1.0, shapes["Dense_0/kernel"][-1]).reshape(shapes["Dense_0/kernel"])
-    out = masking.apply_masks(params, {"Dense_0/kernel": soft})
+    n = shapes["Dense_0"]["kernel"].shape[-1]
+    soft = jnp.linspace(0.0, 1.0, n).reshape(1, n)
+    out = masking.apply_masks(params, {"Dense_0": {"kernel": soft, "bias": None}, "Dense_1": None, "Dense_2": None})
     np.testing.assert_array_equal(out["Dense_0"]["bias"], params["Dense_0"]["bias"] * soft[0])
     np.testing.assert_array_equal(out["Dense_0"]["kernel"], params["Dense_0"]["kernel"] * soft)
+    for layer in ("Dense_1", "Dense_2"):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(out[layer][leaf], params[layer][leaf])
 
 
 def test_unstructured_gate_leaves_biases_alone():
-    params = _with_random_biases(init_variables(_spec("digits_mlp", use_bias=True), (8, 8, 1), 0)["params"])
-    zeros = {k: jnp.zeros(s, bool) for k, s in masking.gate_shapes(params).items()}
+    params = _with_random_biases(_params("digits_mlp", (8, 8, 1), use_bias=True))
+    zeros = _full(masking.gate_shapes(params), False, bool)
     out = masking.apply_masks(params, zeros)
     for layer in params:
         np.testing.assert_array_equal(out[layer]["bias"], params[layer]["bias"])
         assert not np.any(out[layer]["kernel"])
 
 
-def test_mask_tree_is_params_shaped_with_none_for_ungated_leaves():
-    params = init_variables(_spec("digits_mlp", use_bias=True), (8, 8, 1), 0)["params"]
+def test_leaf_masks_are_params_shaped_with_none_for_ungated_leaves_and_jit_safe():
+    params = _params("digits_mlp", (8, 8, 1), use_bias=True)
     for structured in (False, True):
         shapes = masking.gate_shapes(params, structured=structured)
-        masks = {k: jax.random.bernoulli(jax.random.PRNGKey(i), 0.5, s) for i, (k, s) in enumerate(shapes.items())}
-        tree = masking.mask_tree(params, masks)
-        is_none = lambda x: x is None
-        assert jax.tree.structure(tree, is_leaf=is_none) == jax.tree.structure(params)
-        for layer in params:
-            np.testing.assert_array_equal(tree[layer]["kernel"], masks[f"{layer}/kernel"])
-            assert tree[layer]["kernel"].dtype == bool
-            if structured:
-                np.testing.assert_array_equal(tree[layer]["bias"], np.asarray(masks[f"{layer}/kernel"]).ravel())
-            else:
-                assert tree[layer]["bias"] is None
+        keys = iter(jax.random.split(jax.random.PRNGKey(0), 8))
+        masks = jax.tree.map(lambda s: jax.random.bernoulli(next(keys), 0.5, s.shape), shapes)
+        for leaf_masks in (masking.leaf_masks, jax.jit(masking.leaf_masks)):
+            tree = leaf_masks(params, masks)
+            assert _structure(tree) == _structure(params)  # a leaf (mask or None) per parameter
+            for layer in params:
+                np.testing.assert_array_equal(tree[layer]["kernel"], masks[layer]["kernel"])
+                assert tree[layer]["kernel"].dtype == bool
+                if structured:
+                    np.testing.assert_array_equal(tree[layer]["bias"], np.asarray(masks[layer]["kernel"]).ravel())
+                    # Each mask broadcasts against its leaf.
+                    assert np.broadcast_shapes(tree[layer]["bias"].shape, params[layer]["bias"].shape) == \
+                        params[layer]["bias"].shape
+                else:
+                    assert tree[layer]["bias"] is None
 
 
 def test_sparsity_report_counts_zeros():
@@ -147,13 +179,13 @@ def test_sparsity_report_counts_zeros():
     m_a[:, :2] = True  # 8 of 20 kept
     m_b = np.ones((5, 2), bool)
     m_b[0, 0] = False  # 9 of 10 kept
-    r = masking.sparsity_report(params, {"a/kernel": m_a, "b/kernel": m_b})
+    r = masking.sparsity_report(params, {"a": {"kernel": m_a, "bias": None}, "b": {"kernel": m_b}})
     assert r["gated_weights"] == 30
     assert r["layers"] == pytest.approx({"a/kernel": 12 / 20, "b/kernel": 1 / 10})
     assert r["sparsity"] == pytest.approx(13 / 30)
     # Structured: a closed unit removes its kernel column and its bias.
     s_a = np.array([[True, False, True, True, False]])
-    r = masking.sparsity_report(params, {"a/kernel": s_a})
+    r = masking.sparsity_report(params, {"a": {"kernel": s_a, "bias": None}, "b": {"kernel": None}})
     assert r["gated_weights"] == 25
     assert r["layers"] == pytest.approx({"a/kernel": 8 / 20, "a/bias": 2 / 5})
     assert r["sparsity"] == pytest.approx(10 / 25)
@@ -179,35 +211,51 @@ def test_a_users_linen_model_is_ticketed_end_to_end(method):
     frozen = model.init(jax.random.PRNGKey(1), x[:1])["params"]
     frozen_copy = jax.tree.map(np.array, frozen)
     shapes = masking.gate_shapes(frozen)
-    assert sorted(shapes) == ["classifier/kernel", "hidden/kernel", "stem/kernel"]
+    assert sorted(masking.named_leaves(shapes)) == ["classifier/kernel", "hidden/kernel", "stem/kernel"]
 
     gates = method.init(jax.random.PRNGKey(2), shapes)
+    assert _structure(gates) == _structure(shapes)
     initial_binary = jax.device_get(method.binary_masks(gates))
     optimizer = method.optimizer()
-    state = {"step": jnp.int32(0), "gates": gates, "opt_state": optimizer.init(gates),
-             "method_state": method.init_state(), "model_state": {}, "finite": jnp.bool_(True),
-             "rng": jax.random.PRNGKey(3)}
-    step = make_train_step(model, method, optimizer)
+    state = TrainState.create(method, optimizer, gates, jax.random.PRNGKey(3))
+    step = make_train_step(model.apply, method, optimizer)
     losses = []
     for _ in range(20):
         state, metrics = step(state, frozen, x, y)
         losses.append(float(metrics["cross_entropy"]))
-    assert bool(state["finite"]) and int(state["step"]) == 20
+    assert bool(state.finite) and int(state.step) == 20
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     jax.tree.map(np.testing.assert_array_equal, frozen, frozen_copy)  # weights untouched
 
-    binary = jax.device_get(method.binary_masks(state["gates"]))
-    assert any(not np.array_equal(binary[k], initial_binary[k]) for k in binary)  # the ticket moved
+    binary = jax.device_get(method.binary_masks(state.gates))
+    named_binary, named_initial = masking.named_leaves(binary), masking.named_leaves(initial_binary)
+    assert any(not np.array_equal(named_binary[k], named_initial[k]) for k in named_binary)  # the ticket moved
     ticket = masking.apply_masks(frozen, binary)
+    named_ticket = masking.named_leaves(ticket)
     for name, w in masking.named_leaves(frozen).items():
-        t = np.asarray(masking.named_leaves(ticket)[name])
-        expected = np.where(binary[name], w, 0) if name in binary else np.asarray(w)
-        np.testing.assert_array_equal(t, expected)
+        expected = np.where(named_binary[name], w, 0) if name in named_binary else np.asarray(w)
+        np.testing.assert_array_equal(np.asarray(named_ticket[name]), expected)
     assert model.apply({"params": ticket}, x).shape == (64, 3)
 
 
 def test_weights_per_gate_counts_what_one_gate_removes():
     params = {"Dense_0": {"kernel": np.zeros((784, 300)), "bias": np.zeros(300)}, "Dense_1": {"kernel": np.zeros((300, 10))}}
-    assert masking.weights_per_gate(params, masking.gate_shapes(params)) == {"Dense_0/kernel": 1.0, "Dense_1/kernel": 1.0}
+    unstructured = masking.weights_per_gate(params, masking.gate_shapes(params))
+    assert unstructured == {"Dense_0": {"kernel": 1.0, "bias": None}, "Dense_1": {"kernel": 1.0}}
     structured = masking.weights_per_gate(params, masking.gate_shapes(params, structured=True))
-    assert structured == {"Dense_0/kernel": 785.0, "Dense_1/kernel": 300.0}  # fan-in, plus the unit's bias
+    # fan-in, plus the unit's bias (closed with it)
+    assert structured == {"Dense_0": {"kernel": 785.0, "bias": None}, "Dense_1": {"kernel": 300.0}}
+    # A gated bias is a leaf of its own: one gate per bias, and it no longer adds to its kernel's units.
+    both = masking.weights_per_gate(params, masking.gate_shapes(params, policy=r"(kernel|bias)$", structured=True))
+    assert both == {"Dense_0": {"kernel": 784.0, "bias": 1.0}, "Dense_1": {"kernel": 300.0}}
+
+
+def test_attention_projections_get_one_gate_per_head():
+    params = {"attn": {"query": {"kernel": np.zeros((16, 4, 8)), "bias": np.zeros((4, 8))},
+                       "out": {"kernel": np.zeros((4, 8, 16)), "bias": np.zeros(16)}}}
+    shapes = masking.gate_shapes(params, structured=True)
+    assert shapes["attn"]["query"]["kernel"].shape == (1, 4, 1)
+    assert shapes["attn"]["out"]["kernel"].shape == (4, 1, 1)
+    masks = masking.leaf_masks(params, _full(shapes, True, bool))
+    assert masks["attn"]["query"]["bias"].shape == (4, 1)  # the head's bias closes with its head
+    assert masks["attn"]["out"]["bias"] is None  # shared by every head: stays ungated

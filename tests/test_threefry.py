@@ -55,3 +55,52 @@ def test_a_vmapped_draw_is_each_keys_own_draw():
 def test_a_key_that_is_not_threefry_is_refused():
     with pytest.raises(ValueError, match="Threefry key"):
         threefry.bits(jnp.zeros(4, jnp.uint32), (3,))
+
+
+def test_typed_threefry_keys_draw_exactly_what_jax_random_draws():
+    for seed in (0, 9):
+        typed = jax.random.fold_in(jax.random.key(seed), 3)
+        for shape in ((7, 5), (300,)):
+            np.testing.assert_array_equal(jax.jit(lambda k: threefry.normal(k, shape))(typed),
+                                          jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32))(typed))
+            np.testing.assert_array_equal(jax.jit(lambda k: threefry.uniform(k, shape, 1e-6, 1 - 1e-6))(typed),
+                                          jax.jit(lambda k: jax.random.uniform(k, shape, jnp.float32, 1e-6,
+                                                                               1 - 1e-6))(typed))
+
+
+def test_only_single_threefry_keys_take_the_fused_path():
+    assert threefry.is_threefry(jax.random.PRNGKey(0))
+    assert threefry.is_threefry(jax.random.key(0))
+    assert threefry.is_threefry(jax.random.key(0, impl="threefry2x32"))
+    assert not threefry.is_threefry(jax.random.key(0, impl="rbg"))
+    assert not threefry.is_threefry(jax.random.key(0, impl="unsafe_rbg"))
+    assert not threefry.is_threefry(jax.random.split(jax.random.key(0), 3))  # a batch of keys
+    assert not threefry.is_threefry(jax.random.split(jax.random.PRNGKey(0), 3))
+    assert not threefry.is_threefry(jax.random.key_data(jax.random.key(0, impl="rbg")))  # raw rbg data, uint32[4]
+    with jax.default_prng_impl("rbg"):
+        assert not threefry.is_threefry(jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_other_key_implementations_fall_back_to_jax_random_exactly(impl):
+    key = jax.random.fold_in(jax.random.key(4, impl=impl), 2)
+    shape = (7, 5)
+    for ours, theirs in (
+        (lambda k: threefry.normal(k, shape), lambda k: jax.random.normal(k, shape, jnp.float32)),
+        (lambda k: threefry.uniform(k, shape, 1e-6, 1 - 1e-6),
+         lambda k: jax.random.uniform(k, shape, jnp.float32, 1e-6, 1 - 1e-6)),
+    ):
+        a, b = jax.jit(ours)(key), jax.jit(theirs)(key)
+        assert a.shape == shape and a.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)
+    # The fused Threefry program would give something else for the same key data.
+    with pytest.raises(ValueError, match="Threefry key"):
+        threefry.bits(key, shape)
+
+
+def test_raw_keys_of_a_non_threefry_default_fall_back_to_jax_random():
+    with jax.default_prng_impl("rbg"):
+        raw = jax.random.PRNGKey(5)
+        assert raw.shape == (4,)
+        np.testing.assert_array_equal(jax.jit(lambda k: threefry.normal(k, (9,)))(raw),
+                                      jax.jit(lambda k: jax.random.normal(k, (9,), jnp.float32))(raw))
