@@ -150,6 +150,8 @@ def sample_gates(key: Array, logits: GateTree, temp: float | Array, *, family: s
 
     Pure: the same key gives the same sample. ``key`` may be a raw or typed key of any PRNG
     implementation (threefry, rbg, unsafe_rbg); each leaf draws from ``fold_in(key, hash(path))``.
+    Under ``vmap`` over keys, a Threefry key gives each key's own sample; rbg keys give what
+    ``jax.random`` gives for batched rbg keys, which is not each key's own sample.
     """
     fam = get_family(family)
     return jax.tree.map(lambda k, p: fam.sample(k, p, temp), _leaf_keys(key, logits), logits)
