@@ -28,10 +28,13 @@ def test_golomb_near_entropy_on_iid_masks(density):
 @pytest.mark.parametrize("coding", ["packbits", "golomb"])
 def test_ticket_mask_codings_round_trip(coding):
     rng = np.random.default_rng(1)
-    masks = {"Dense_0/kernel": rng.random((64, 30)) < 0.1, "Conv_0/kernel": rng.random((1, 1, 1, 7)) < 0.5}
+    # Params-shaped, None where a leaf is not gated; decoded by path name.
+    masks = {"Conv_0": {"kernel": rng.random((1, 1, 1, 7)) < 0.5, "bias": None},
+             "Dense_0": {"kernel": rng.random((64, 30)) < 0.1, "bias": None}}
     decoded = decode_masks(encode_masks(masks, coding))
-    assert decoded.keys() == masks.keys()
-    for name, m in masks.items():
+    expected = {"Conv_0/kernel": masks["Conv_0"]["kernel"], "Dense_0/kernel": masks["Dense_0"]["kernel"]}
+    assert decoded.keys() == expected.keys()
+    for name, m in expected.items():
         assert decoded[name].shape == m.shape and (decoded[name] == m).all()
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from slt_jax import load_ticket, sharding
-from slt_jax.train import ConfigError, Run, make_train_step, train_and_evaluate
+from slt_jax import load_ticket, masking, sharding
+from slt_jax.run_config import ConfigError
+from slt_jax.train import Run, train_and_evaluate
 
 from conftest import ROOT
 
@@ -34,16 +35,21 @@ def test_train_step_keeps_state_replicated_and_batch_sharded(tiny_config, tmp_pa
     tiny_config.num_devices = 8
     run = Run(tiny_config, str(tmp_path))
     state = sharding.replicate(run.initial_state(), run.mesh)
-    step = make_train_step(run.model, run.method, run.optimizer, frozen_fn=run.frozen_fn)
+    step = run.train_step()
     xs, ys = sharding.shard_batch(run.dataset.train_batch(0, 0, tiny_config.batch_size), run.mesh)
     assert xs.sharding.spec == P("data") and len(xs.sharding.device_set) == 8
     new_state, metrics = step(state, run.frozen, xs, ys)
     for leaf in jax.tree.leaves(new_state) + jax.tree.leaves(metrics) + jax.tree.leaves(run.frozen):
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
     # Replicated gates and one replicated key: every device computed the same gate values.
-    for leaf in jax.tree.leaves(new_state["gates"]):
+    for leaf in jax.tree.leaves(new_state.gates):
         shards = [np.asarray(s.data) for s in leaf.addressable_shards]
         assert all(np.array_equal(shards[0], s) for s in shards[1:])
+
+
+def _gates(ticket_dir) -> dict[str, np.ndarray]:
+    """A ticket's binary gates keyed by leaf name."""
+    return {k: np.asarray(v) for k, v in masking.named_leaves(load_ticket(str(ticket_dir)).gate_masks).items()}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,7 @@ def runs_by_device_count(tmp_path_factory):
         workdir = tmp_path_factory.mktemp(f"devices{n}")
         train_and_evaluate(c, str(workdir))
         records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-        out[n] = (records, load_ticket(str(workdir / "ticket")).gate_masks)
+        out[n] = (records, _gates(workdir / "ticket"))
     return out
 
 
@@ -130,6 +136,6 @@ def test_two_processes_find_the_ticket_of_one(tmp_path):
     assert sorted(os.listdir(multi / "checkpoints")) == ["10", "20"]
     losses = [[json.loads(line)["loss"] for line in open(d / "metrics.jsonl")] for d in (multi, single)]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
-    a, b = (load_ticket(str(d / "ticket")).gate_masks for d in (multi, single))
+    a, b = (_gates(d / "ticket") for d in (multi, single))
     agree = sum(int((a[k] == b[k]).sum()) for k in b) / sum(m.size for m in b.values())
     assert agree >= 0.995

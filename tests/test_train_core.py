@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 
 from configs import default
-from slt_jax import load_ticket, masking, sharding
+from slt_jax import load_ticket, masking, run_config, sharding
+from slt_jax.frozen import init_variables
+from slt_jax.methods import METHODS, method_hyperparameters
 from slt_jax.models import create_model
 from slt_jax.models.inits import weight_init
-from slt_jax.ticket import init_variables
-from slt_jax.train import Run, make_train_step, model_spec, train_and_evaluate
+from slt_jax.run_config import model_spec
+from slt_jax.ticket import ZOO_INIT_KWARGS
+from slt_jax.train import Run, train_and_evaluate
 
 
 def _short_config(**overrides):
@@ -23,9 +26,18 @@ def _short_config(**overrides):
     return c
 
 
+def _init_params(spec, input_shape, seed):
+    """The zoo model's weights from the seed, as every run and ticket draws them."""
+    return init_variables(create_model(spec), input_shape, seed, ZOO_INIT_KWARGS)["params"]
+
+
+def _gate_shapes(run):
+    return [s.shape for s in masking.named_leaves(run.shapes).values()]
+
+
 def _train(run, steps):
     state = sharding.replicate(run.initial_state(), run.mesh)
-    step_fn = make_train_step(run.model, run.method, run.optimizer)
+    step_fn = run.train_step()
     for i in range(steps):
         x, y = run.dataset.train_batch(run.config.seed, i, run.config.batch_size)
         state, _ = step_fn(state, run.frozen, *sharding.shard_batch((x, y), run.mesh))
@@ -37,50 +49,61 @@ def test_frozen_weights_are_bit_identical_and_only_gates_have_optimiser_state(me
     # Structured gates have a shape no weight has, so a weight-shaped leaf in the state is easy to spot.
     config = _short_config(method=method, structured=method == "crbg", use_bias=True)
     run = Run(config, str(tmp_path))
-    initial = init_variables(run.spec, run.dataset.input_shape, config.seed)["params"]
+    initial = _init_params(run.spec, run.dataset.input_shape, config.seed)
     state = _train(run, 10)
-    assert int(state["step"]) == 10 and bool(state["finite"])
+    assert int(state.step) == 10 and bool(state.finite)
     frozen = jax.device_get(run.frozen)
     for name, w in masking.named_leaves(initial).items():
         got = np.asarray(masking.named_leaves(frozen)[name])
         np.testing.assert_array_equal(got.view(np.uint32), np.asarray(w).view(np.uint32), err_msg=name)
 
-    gate_shapes = set(run.shapes.values())
+    gate_shapes = set(_gate_shapes(run))
     weight_shapes = {np.shape(w) for w in masking.named_leaves(initial).values()}
     assert not gate_shapes & weight_shapes if config.structured else gate_shapes <= weight_shapes
-    for tree in (state["opt_state"], state["gates"]):
+    for tree in (state.opt_state, state.gates):
         for leaf in jax.tree.leaves(tree):
             assert np.ndim(leaf) == 0 or np.shape(leaf) in gate_shapes, np.shape(leaf)
-    num_gates = sum(math.prod(s) for s in run.shapes.values())
-    state_size = sum(np.size(leaf) for leaf in jax.tree.leaves(state["opt_state"]) if np.ndim(leaf))
+    num_gates = sum(math.prod(s) for s in _gate_shapes(run))
+    state_size = sum(np.size(leaf) for leaf in jax.tree.leaves(state.opt_state) if np.ndim(leaf))
     assert state_size == (2 if method == "crbg" else 1) * num_gates  # Adam: mu, nu; SGD: momentum
 
 
 @pytest.fixture(scope="module")
 def tickets(tmp_path_factory):
-    """Three short CRBG runs on digits: seed 0 twice, seed 1 once."""
+    """Three short CRBG runs on digits: seed 0 twice, seed 1 once (that one counted in epochs, with
+    warm-up and the method's default learning rate, so the harness has steps to resolve).
+    Each entry: (summary, ticket, config.to_dict() before the run, after it)."""
     out = {}
-    for label, seed in (("a", 0), ("b", 0), ("c", 1)):
+    for label, overrides in (("a", {"seed": 0}), ("b", {"seed": 0}),
+                             ("c", {"seed": 1, "num_steps": 0, "num_epochs": 1, "warmup_epochs": 0.2})):
         workdir = str(tmp_path_factory.mktemp(f"run_{label}"))
-        out[label] = (train_and_evaluate(_short_config(seed=seed), workdir), load_ticket(f"{workdir}/ticket"))
+        config = _short_config(**overrides)
+        before = config.to_dict()
+        summary = train_and_evaluate(config, workdir)
+        out[label] = (summary, load_ticket(f"{workdir}/ticket"), before, config.to_dict())
     return out
 
 
+def _gates(ticket):
+    return {n: np.asarray(m) for n, m in masking.named_leaves(ticket.gate_masks).items()}
+
+
 def test_same_seed_same_ticket_different_seed_different_ticket(tickets):
-    (sa, ta), (sb, tb), (sc, tc) = tickets["a"], tickets["b"], tickets["c"]
-    assert ta.gate_masks.keys() == tb.gate_masks.keys() == tc.gate_masks.keys()
-    for name in ta.gate_masks:
-        np.testing.assert_array_equal(ta.gate_masks[name], tb.gate_masks[name])
+    (sa, ta, *_), (sb, tb, *_), (sc, tc, *_) = tickets["a"], tickets["b"], tickets["c"]
+    ga, gb, gc = _gates(ta), _gates(tb), _gates(tc)
+    assert ga.keys() == gb.keys() == gc.keys()
+    for name in ga:
+        np.testing.assert_array_equal(ga[name], gb[name])
     assert sa["val_accuracy"] == sb["val_accuracy"] and sa["sparsity"] == sb["sparsity"]
-    assert any(not np.array_equal(ta.gate_masks[n], tc.gate_masks[n]) for n in ta.gate_masks)
+    assert any(not np.array_equal(ga[n], gc[n]) for n in ga)
     # A different seed also draws different frozen weights.
     assert not np.array_equal(ta.frozen_params()["Dense_0"]["kernel"], tc.frozen_params()["Dense_0"]["kernel"])
 
 
 def test_ticket_uses_only_initial_weights_or_zeros(tickets):
-    summary, ticket = tickets["a"]
+    summary, ticket, *_ = tickets["a"]
     config = _short_config()
-    fresh = masking.named_leaves(init_variables(model_spec(config, 10), (8, 8, 1), config.seed)["params"])
+    fresh = masking.named_leaves(_init_params(model_spec(config, 10), (8, 8, 1), config.seed))
     frozen = masking.named_leaves(ticket.frozen_params())
     masked = masking.named_leaves(ticket.masked_params())
     assert fresh.keys() == frozen.keys() == masked.keys()
@@ -93,9 +116,10 @@ def test_ticket_uses_only_initial_weights_or_zeros(tickets):
 
 
 def test_summary_reports_per_layer_sparsity_and_binary_gap(tickets):
-    summary, ticket = tickets["a"]
-    sizes = {n: m.size for n, m in ticket.gate_masks.items()}
-    zeros = {n: int((~m).sum()) for n, m in ticket.gate_masks.items()}
+    summary, ticket, *_ = tickets["a"]
+    gates = _gates(ticket)
+    sizes = {n: m.size for n, m in gates.items()}
+    zeros = {n: int((~m).sum()) for n, m in gates.items()}
     assert set(summary["layer_sparsity"]) == set(sizes) == {"Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"}
     for name, s in summary["layer_sparsity"].items():
         assert s == pytest.approx(zeros[name] / sizes[name])
@@ -103,6 +127,33 @@ def test_summary_reports_per_layer_sparsity_and_binary_gap(tickets):
     assert summary["sparsity"] == pytest.approx(sum(zeros.values()) / sum(sizes.values()))
     assert summary["binary_gap"] == pytest.approx(summary["stochastic_val_accuracy"] - summary["val_accuracy"])
     assert 0.0 <= summary["stochastic_val_accuracy"] <= 1.0
+
+
+def test_train_and_evaluate_leaves_the_config_unchanged(tickets):
+    for label, (summary, _, before, after) in tickets.items():
+        assert after == before, label
+    # The epoch-counted run really resolved its steps (as an argument, not into the config).
+    summary, _, before, _ = tickets["c"]
+    assert before["num_steps"] == 0 and summary["num_steps"] > 0
+    assert before["learning_rate"] is None and before["lr_schedule"] is None
+
+
+def test_every_config_key_has_a_validation_rule():
+    config = default.get_config()
+    top = set(config) - set(METHODS)
+    assert set(METHODS) <= set(config)  # each method's hyperparameters are a sub-config
+    assert top == set(run_config.RULES), (sorted(top - set(run_config.RULES)), sorted(set(run_config.RULES) - top))
+    run_config.validate_config(config)  # every default is allowed by its rule
+    for key, rule in run_config.RULES.items():
+        assert rule(object()) is not None, key  # each rule really checks something
+    for name in METHODS:
+        # Nested keys are checked by building the method's dataclass: each must be one of its fields.
+        assert set(config[name]) == set(method_hyperparameters(name)), name
+        bad = default.get_config()
+        bad[name].unlock()
+        bad[name].no_such_hyperparameter = 1
+        with pytest.raises(run_config.ConfigError, match=f"{name}:.*no_such_hyperparameter"):
+            run_config.validate_config(bad)
 
 
 def _conv_weights(depth, widths, image=32, channels=3, classes=10):
@@ -167,7 +218,7 @@ def test_uniform_bound_is_the_scale_or_kaiming_uniform(shape):
         assert abs(w.std() / (bound / math.sqrt(3)) - 1) < 0.01
     # The model zoo passes the config's init_scale through.
     spec = {"name": "digits_mlp", "num_classes": 10, "weight_init": "uniform", "init_scale": 0.05}
-    params = init_variables(spec, (8, 8, 1), 0)["params"]
+    params = _init_params(spec, (8, 8, 1), 0)
     assert 0.049 < float(np.abs(params["Dense_1"]["kernel"]).max()) <= 0.05
 
 

@@ -19,8 +19,10 @@ from slt_jax.data import load_dataset
 from slt_jax.methods import create_method
 from slt_jax.models import MODELS, create_model
 from slt_jax.models.convnets import max_pool_2x2
-from slt_jax.ticket import init_variables
-from slt_jax.train import Run, make_train_step, model_spec, train_and_evaluate, validate_config
+from slt_jax.frozen import init_variables
+from slt_jax.run_config import model_spec, validate_config
+from slt_jax.ticket import ZOO_INIT_KWARGS
+from slt_jax.train import Run, train_and_evaluate
 
 CONFIGS = ["cifar10_conv4_edgepopup", "cifar10_conv6_crbg", "cifar10_resnet18_crbg", "cifar10_resnet50_crbg",
            "cifar10_wrn50_crbg", "cifar10_vit_base_crbg", "cifar10_swin_t_crbg", "imagenet_resnet50_crbg",
@@ -66,10 +68,9 @@ def test_config_builds_its_full_size_model_and_method(name):
     logits = jax.eval_shape(lambda v: net.apply(v, jnp.zeros((2, *c.synthetic_shape)), train=False), variables)
     assert logits.shape == (2, c.num_classes)
     shapes = masking.gate_shapes(variables["params"], c.gate_policy, c.structured)
-    assert set(shapes) == {k for k in masking.named_leaves(variables["params"]) if k.endswith("kernel")}
-    with c.unlocked():
-        c.num_steps = 10
-    create_method(c).optimizer()
+    assert set(masking.named_leaves(shapes)) == {k for k in masking.named_leaves(variables["params"])
+                                                  if k.endswith("kernel")}
+    create_method(c, num_steps=10, weights_per_gate=masking.weights_per_gate(variables["params"], shapes)).optimizer()
 
 
 @pytest.mark.parametrize("model,shape,kernels", [("resnet50_imagenet", (224, 224, 3), 25_502_912),
@@ -114,8 +115,8 @@ def test_model_trains_evaluates_and_keeps_frozen_weights(model, shape, width, ti
     run = Run(c, str(tmp_path))
     state = run.initial_state()
     copy = lambda tree: jax.tree.map(np.array, jax.device_get(tree))  # noqa: E731 (the step donates its state)
-    frozen_before, gates_before, stats_before = copy(run.frozen), copy(state["gates"]), copy(state["model_state"])
-    step = make_train_step(run.model, run.method, run.optimizer, frozen_fn=run.frozen_fn)
+    frozen_before, gates_before, stats_before = copy(run.frozen), copy(state.gates), copy(state.model_state)
+    step = run.train_step()
     for i in range(2):
         x, y = run.dataset.train_batch(c.seed, i, c.batch_size)
         state, metrics = step(state, run.frozen, x, y)
@@ -123,11 +124,13 @@ def test_model_trains_evaluates_and_keeps_frozen_weights(model, shape, width, ti
     for name, (a, b) in {k: (v, masking.named_leaves(jax.device_get(run.frozen))[k])
                          for k, v in masking.named_leaves(frozen_before).items()}.items():
         np.testing.assert_array_equal(a, b, err_msg=name)
-    moved = [k for k, g in jax.device_get(state["gates"]).items() if not np.array_equal(g, gates_before[k])]
+    before = masking.named_leaves(gates_before)
+    moved = [k for k, g in masking.named_leaves(jax.device_get(state.gates)).items()
+             if not np.array_equal(g, before[k])]
     assert moved, "no gate moved"
     if stats_before:  # BatchNorm models: the running statistics follow the training batches
         changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), stats_before,
-                                               jax.device_get(state["model_state"])))
+                                               jax.device_get(state.model_state)))
         assert any(changed)
     ev = run.evaluate(state)
     assert 0.0 <= ev["val_accuracy"] <= 1.0 and 0.0 < ev["sparsity"] < 1.0
@@ -148,17 +151,19 @@ def test_every_gate_open_is_the_plain_model(model, shape, width):
     plain = jax.jit(lambda p: net.apply({"params": p, **variables}, x, train=False))(params)
     for structured in (False, True):
         shapes = masking.gate_shapes(params, structured=structured)
-        for ones in ({k: jnp.ones(s, bool) for k, s in shapes.items()}, {k: jnp.ones(s) for k, s in shapes.items()}):
-            np.testing.assert_array_equal(gated(ones), plain)
+        for dtype in (bool, jnp.float32):
+            np.testing.assert_array_equal(gated(jax.tree.map(lambda s: jnp.ones(s.shape, dtype), shapes)), plain)
     # and a closed gate does change it: the gates reach the computation
-    closed = {k: jnp.full(s, not (k.endswith("head/kernel") or k == "Dense_0/kernel")) for k, s in shapes.items()}
+    closed = jax.tree_util.tree_map_with_path(
+        lambda p, s: jnp.full(s.shape, not (masking.path_name(p).endswith("head/kernel")
+                                            or masking.path_name(p) == "Dense_0/kernel")), shapes)
     assert not np.array_equal(gated(closed), plain)
 
 
 def test_attention_kernels_get_one_structured_gate_per_head():
     _, variables = _init({"name": "vit_tiny", "num_classes": 10, "width": 0.25}, (16, 16, 3))
     params = variables["params"]
-    shapes = masking.gate_shapes(params, structured=True)
+    shapes = {k: s.shape for k, s in masking.named_leaves(masking.gate_shapes(params, structured=True)).items()}
     leaves = masking.named_leaves(params)
     heads = 3
     for proj in ("query", "key", "value"):
@@ -173,10 +178,10 @@ def test_attention_kernels_get_one_structured_gate_per_head():
 def test_closing_a_value_head_zeroes_exactly_that_head_and_its_bias():
     _, variables = _init({"name": "vit_tiny", "num_classes": 10, "width": 0.25, "use_bias": True}, (16, 16, 3))
     params = jax.device_get(variables["params"])
-    shapes = masking.gate_shapes(params, structured=True)
-    masks = {k: np.ones(s, bool) for k, s in shapes.items()}
-    masks["block_0/attention/value/kernel"][0, 1, 0] = False
-    masks["block_0/attention/out/kernel"][2] = False
+    masks = jax.tree.map(lambda s: np.ones(s.shape, bool), masking.gate_shapes(params, structured=True))
+    by_name = masking.named_leaves(masks)  # the same arrays, by name
+    by_name["block_0/attention/value/kernel"][0, 1, 0] = False
+    by_name["block_0/attention/out/kernel"][2] = False
     gated = masking.named_leaves(masking.apply_masks(params, masks))
     value, value_bias = gated["block_0/attention/value/kernel"], gated["block_0/attention/value/bias"]
     assert not value[:, 1].any() and value[:, [0, 2]].all()
@@ -202,8 +207,8 @@ def test_batchnorm_ticket_round_trips_and_predicts_as_evaluated(tiny_config, tmp
     summary = train_and_evaluate(c, str(tmp_path))
     ticket = load_ticket(str(tmp_path / "ticket"))
     stored = masking.named_leaves(ticket.model_state())
-    initial = masking.named_leaves({k: v for k, v in init_variables(ticket.meta["model"], (16, 16, 3), c.seed).items()
-                                    if k != "params"})
+    variables = init_variables(create_model(ticket.meta["model"]), (16, 16, 3), c.seed, ZOO_INIT_KWARGS)
+    initial = masking.named_leaves({k: v for k, v in variables.items() if k != "params"})
     assert stored.keys() == initial.keys() and any(not np.allclose(stored[k], initial[k]) for k in stored)
     data = load_dataset(c)
     accuracy = float(np.mean(ticket.predict(data.x_val) == data.y_val))
