@@ -1,5 +1,6 @@
 """Data parallelism on 8 simulated CPU devices: the batch is split over ``data``, the state is
-replicated, and the device count changes nothing but float summation order."""
+replicated, the gate noise is the same on every device count, one step differs only by float
+summation order, and every device count finds an equally good ticket."""
 import json
 import os
 import socket
@@ -70,14 +71,40 @@ def runs_by_device_count(tmp_path_factory):
 
 
 @pytest.mark.parametrize("n", [2, 8])
-def test_device_count_changes_neither_loss_curve_nor_ticket(runs_by_device_count, n):
+def test_device_count_changes_one_step_only_by_summation_order(tiny_config, tmp_path, n):
+    """From the same state and batch, one step on n devices draws bit-identical gate noise and
+    differs from one device only by float summation order. Across steps such differences grow
+    (a near-zero gradient whose sign flips moves a gate by Adam's full step), and how XLA:CPU
+    orders its sums depends on the CPU, so no later step is compared."""
+    outputs = {}
+    for devices in (1, n):
+        tiny_config.num_devices = devices
+        run = Run(tiny_config, str(tmp_path))
+        state = jax.device_put(run.initial_state(), sharding.replicated(run.mesh), may_alias=False)
+        key = jax.random.fold_in(state.rng, state.step)
+        noise = jax.device_get(run.method.train_masks(state.gates, key, state.step))
+        xs, ys = sharding.shard_batch(run.dataset.train_batch(0, 0, tiny_config.batch_size), run.mesh)
+        new_state, metrics = run.train_step()(state, run.frozen, xs, ys)
+        outputs[devices] = noise, float(metrics["cross_entropy"]), jax.device_get(new_state.gates)
+    (noise1, ce1, gates1), (noise_n, ce_n, gates_n) = outputs[1], outputs[n]
+    for a, b in zip(jax.tree.leaves(noise1), jax.tree.leaves(noise_n)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+    assert abs(ce_n - ce1) <= 1e-5 * abs(ce1)
+    diff = np.concatenate([np.abs(np.ravel(a) - np.ravel(b)) for a, b in zip(jax.tree.leaves(gates1),
+                                                                            jax.tree.leaves(gates_n))])
+    assert np.mean(diff > 1e-3) <= 1e-3, np.max(diff)
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_device_count_gives_an_equally_good_ticket(runs_by_device_count, n):
     ref_records, ref_masks = runs_by_device_count[1]
     records, masks = runs_by_device_count[n]
     assert [r["step"] for r in records] == [r["step"] for r in ref_records]
-    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in ref_records], rtol=1e-3, atol=1e-5)
-    agree = sum(int((masks[k] == ref_masks[k]).sum()) for k in ref_masks)
-    total = sum(m.size for m in ref_masks.values())
-    assert agree / total >= 0.995
+    assert masks.keys() == ref_masks.keys() and all(masks[k].shape == ref_masks[k].shape for k in masks)
+    final, ref = records[-1], ref_records[-1]
+    assert min(final["val_accuracy"], ref["val_accuracy"]) >= 0.8
+    assert abs(final["val_accuracy"] - ref["val_accuracy"]) <= 0.1
+    assert abs(final["sparsity"] - ref["sparsity"]) <= 0.02
 
 
 def test_batch_that_does_not_divide_over_devices_is_refused(tiny_config, tmp_path):
