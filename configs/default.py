@@ -19,7 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 60
     c.seed = 0
 
-    # None: the method's own recipe (CRBG: Adam 0.05 constant; edge-popup: SGD 0.1 cosine).
+    # None: the method's own recipe (CRBG: Adam 0.05 constant; edge-popup: SGD 0.1 cosine;
+    # supermask: SGD 100 constant).
     c.learning_rate = ml_collections.config_dict.placeholder(float)
     c.lr_schedule = ml_collections.config_dict.placeholder(str)  # "constant" or "cosine"
     c.warmup_epochs = 0.0  # linear learning-rate warm-up before the schedule
@@ -52,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (slt_jax.methods.crbg.CRBG); edgepopup: scope, momentum, weight_decay (...edgepopup.EdgePopup).
     c.crbg = ml_collections.ConfigDict(method_hyperparameters("crbg"))
     c.edgepopup = ml_collections.ConfigDict(method_hyperparameters("edgepopup"))
+    # supermask: sparsity_control ("dual": the multiplier holds --config.sparsity; "none": the paper's
+    # uncontrolled masks), score_init, lam, dual_lr, dual_kp (slt_jax.methods.supermask.Supermask).
+    c.supermask = ml_collections.ConfigDict(method_hyperparameters("supermask"))
 
     # Data.
     c.val_fraction = 0.1

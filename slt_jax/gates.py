@@ -125,9 +125,9 @@ def get_family(name: str) -> GateFamily:
     return FAMILIES[name]
 
 
-def _leaf_keys(key: Array, tree: GateTree) -> GateTree:
-    # One independent stream per gate leaf, chosen by the leaf's path name so that adding or removing
-    # another leaf never changes this one's noise.
+def leaf_keys(key: Array, tree: GateTree) -> GateTree:
+    """One key per leaf of ``tree``, ``fold_in(key, hash(path name))``: an independent stream per
+    gate leaf, chosen by its name, so adding or removing another leaf never changes this one's noise."""
     return jax.tree_util.tree_map_with_path(lambda path, _: jax.random.fold_in(key, _stable_hash(path_name(path))), tree)
 
 
@@ -142,7 +142,7 @@ def init_gates(key: Array, shapes: Any, *, family: str = "gaussian") -> GateTree
     """Initial gate parameters: a tree shaped like ``shapes`` (``slt_jax.masking.gate_shapes``: a
     ``jax.ShapeDtypeStruct`` per gated leaf, None elsewhere), one array of each leaf's shape."""
     fam = get_family(family)
-    return jax.tree.map(lambda k, s: fam.init(k, tuple(s.shape)), _leaf_keys(key, shapes), shapes)
+    return jax.tree.map(lambda k, s: fam.init(k, tuple(s.shape)), leaf_keys(key, shapes), shapes)
 
 
 def sample_gates(key: Array, logits: GateTree, temp: float | Array, *, family: str = "gaussian") -> GateTree:
@@ -154,7 +154,7 @@ def sample_gates(key: Array, logits: GateTree, temp: float | Array, *, family: s
     ``jax.random`` gives for batched rbg keys, which is not each key's own sample.
     """
     fam = get_family(family)
-    return jax.tree.map(lambda k, p: fam.sample(k, p, temp), _leaf_keys(key, logits), logits)
+    return jax.tree.map(lambda k, p: fam.sample(k, p, temp), leaf_keys(key, logits), logits)
 
 
 def weighted_density(per_gate: GateTree, weights: GateTree | None = None) -> Array:

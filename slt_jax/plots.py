@@ -131,6 +131,6 @@ def write_run_plots(workdir: str, summary: Mapping[str, Any], gates: Any, kept: 
                          summary.get("target_sparsity"), title=name)
     plot_layer_sparsity(summary["layer_sparsity"], layers, summary.get("sparsity"),
                         title=f"per-layer sparsity, {name}")
-    parameter = "score" if method == "edgepopup" else "gate parameter"
+    parameter = "gate parameter" if method == "crbg" else "score"
     plot_gate_histogram(gates, kept, hist, parameter=parameter, title=f"final {parameter}s, {name}")
     return list(PLOT_FILES)

@@ -327,7 +327,7 @@ def test_bad_method_settings_name_the_allowed_values(tiny_config):
         CRBG(num_steps=1, lambda_mode="dynamic")
 
 
-@pytest.mark.parametrize("method", ["crbg", "edgepopup"])
+@pytest.mark.parametrize("method", ["crbg", "edgepopup", "supermask"])
 def test_a_short_run_of_each_method_is_well_above_chance(method, tiny_config, tmp_path):
     from slt_jax.train import train_and_evaluate
 

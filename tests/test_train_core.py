@@ -44,7 +44,7 @@ def _train(run, steps):
     return state
 
 
-@pytest.mark.parametrize("method", ["crbg", "edgepopup"])
+@pytest.mark.parametrize("method", ["crbg", "edgepopup", "supermask"])
 def test_frozen_weights_are_bit_identical_and_only_gates_have_optimiser_state(method, tmp_path):
     # Structured gates have a shape no weight has, so a weight-shaped leaf in the state is easy to spot.
     config = _short_config(method=method, structured=method == "crbg", use_bias=True)
@@ -65,7 +65,8 @@ def test_frozen_weights_are_bit_identical_and_only_gates_have_optimiser_state(me
             assert np.ndim(leaf) == 0 or np.shape(leaf) in gate_shapes, np.shape(leaf)
     num_gates = sum(math.prod(s) for s in _gate_shapes(run))
     state_size = sum(np.size(leaf) for leaf in jax.tree.leaves(state.opt_state) if np.ndim(leaf))
-    assert state_size == (2 if method == "crbg" else 1) * num_gates  # Adam: mu, nu; SGD: momentum
+    # Adam: mu, nu; SGD with momentum (edge-popup): one; plain SGD (supermask): none.
+    assert state_size == {"crbg": 2, "edgepopup": 1, "supermask": 0}[method] * num_gates
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ and for every evaluation and the final ticket ``method.binary_masks(gates)`` (bo
 Skipping ``penalty`` or ``update_state`` silently drops CRBG's sparsity target.
 
 Each method's dataclass defaults are the recipe ``run.py`` uses: ``configs/default.py`` reads
-its ``crbg`` / ``edgepopup`` sub-configs and the learning rate from these classes.
+its sub-config (``crbg``, ``edgepopup``, ``supermask``) and the learning rate from these classes.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import optax
 
 from slt_jax.methods.crbg import CRBG
 from slt_jax.methods.edgepopup import EdgePopup
+from slt_jax.methods.supermask import Supermask
 
 Array = jax.Array
 GateTree = Any  # params-shaped: an array per gated leaf, None elsewhere
@@ -60,7 +61,7 @@ class Method(Protocol):
         """The recipe's optimiser for the gates (any Optax optimiser may be used instead)."""
 
 
-METHODS: dict[str, type] = {"crbg": CRBG, "edgepopup": EdgePopup}
+METHODS: dict[str, type] = {"crbg": CRBG, "edgepopup": EdgePopup, "supermask": Supermask}
 # Fields the harness sets itself; the rest of each dataclass's fields are its config sub-dict.
 _HARNESS_FIELDS = ("num_steps", "sparsity", "learning_rate", "lr_schedule", "warmup_steps", "weights_per_gate", "name")
 
@@ -89,4 +90,4 @@ def create_method(config: Any, *, num_steps: int, warmup_steps: int = 0, weights
     return cls(num_steps=num_steps, sparsity=config.sparsity, warmup_steps=warmup_steps, **kwargs)
 
 
-__all__ = ["CRBG", "EdgePopup", "METHODS", "Method", "create_method", "method_hyperparameters"]
+__all__ = ["CRBG", "EdgePopup", "METHODS", "Method", "Supermask", "create_method", "method_hyperparameters"]

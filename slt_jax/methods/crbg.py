@@ -13,13 +13,9 @@ weights removed either way.
   constant in the gates, so the gates' gradient comes from the smooth expected density d (a
   proxy constraint, Cotter et al. 2019; Gallego-Posada et al. 2022) while the multiplier answers
   to b itself, so the ticket lands on the requested sparsity rather than on a surrogate of it.
-  The multiplier is a PI controller of the violation e = b - d_target (Sohrabi et al. 2024)::
-
-      I <- max(0, I + dual_lr * e),    lambda = max(0, I + dual_kp * e)
-
-  ``dual_kp = 0`` is plain projected dual ascent; the proportional term lets lambda fall as soon
-  as the density undershoots, instead of after the integral has unwound, which is what made
-  plain dual ascent overshoot the target by several points.
+  The multiplier is a PI controller of the violation e = b - d_target
+  (``slt_jax.methods.multiplier``); with ``dual_kp = 0`` (plain dual ascent) it overshot the
+  target by several points.
   ``"fixed"``: lambda = ``lam`` throughout (d_target only shifts the loss).
 * The temperature (sigma for the Gaussian gate) anneals geometrically from ``temp_start`` to
   ``temp_end``: less noise late in training lets gates settle.
@@ -40,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from slt_jax import gates as gates_lib
+from slt_jax.methods.multiplier import init_multiplier, update_multiplier
 from slt_jax.methods.schedules import learning_rate_schedule
 
 Array = jax.Array
@@ -90,8 +87,7 @@ class CRBG:
 
     def init_state(self) -> dict[str, Array]:
         """The multiplier: ``lambda`` and its controller's ``integral``, both ``lam`` at the start."""
-        # Two separate buffers: the train step donates its state, and one buffer cannot be donated twice.
-        return {"lambda": jnp.full((), self.lam, jnp.float32), "integral": jnp.full((), self.lam, jnp.float32)}
+        return init_multiplier(self.lam)
 
     def train_masks(self, gates: GateTree, key: Array, step: Array) -> GateTree:
         """One noisy gate sample z in [0, 1] per gate (differentiable w.r.t. the gates)."""
@@ -111,9 +107,7 @@ class CRBG:
         """One step of the multiplier's PI controller on the binary density (``fixed``: unchanged)."""
         if self.lambda_mode == "fixed":
             return state
-        violation = aux["binary_density"] - (1.0 - self.sparsity)
-        integral = jnp.maximum(0.0, state["integral"] + self.dual_lr * violation)
-        return {"lambda": jnp.maximum(0.0, integral + self.dual_kp * violation), "integral": integral}
+        return update_multiplier(state, aux["binary_density"] - (1.0 - self.sparsity), self.dual_lr, self.dual_kp)
 
     def binary_masks(self, gates: GateTree) -> GateTree:
         """The ticket: keep a weight iff its deterministic gate exceeds 1/2 (bool, shaped like ``gates``)."""
