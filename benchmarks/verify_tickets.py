@@ -13,7 +13,7 @@ import sys
 import tempfile
 
 import numpy as np
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

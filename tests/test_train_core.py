@@ -90,7 +90,7 @@ def _gates(ticket):
 
 
 def test_same_seed_same_ticket_different_seed_different_ticket(tickets):
-    (sa, ta, *_), (sb, tb, *_), (sc, tc, *_) = tickets["a"], tickets["b"], tickets["c"]
+    (sa, ta, *_), (sb, tb, *_), (_, tc, *_) = tickets["a"], tickets["b"], tickets["c"]
     ga, gb, gc = _gates(ta), _gates(tb), _gates(tc)
     assert ga.keys() == gb.keys() == gc.keys()
     for name in ga:
