@@ -49,29 +49,69 @@ def golomb_encode(bits: np.ndarray) -> tuple[bytes, dict]:
     return np.packbits(np.asarray(out, np.uint8)).tobytes(), header
 
 
+HEADER_KEYS = ("n", "rare", "count", "m", "nbits")
+
+
+def check_header(header: object, nbytes: int) -> dict:
+    """The header of a Golomb-coded mask of ``nbytes`` bytes, checked: every field present and of its
+    type, ``count <= n``, ``m >= 1`` and ``nbits`` within the data. Raises ``ValueError`` saying
+    which field is wrong, before anything is allocated."""
+    if not isinstance(header, dict):
+        raise ValueError(f"the Golomb header is {type(header).__name__}, not an object with {', '.join(HEADER_KEYS)}")
+    missing = [k for k in HEADER_KEYS if k not in header]
+    if missing:
+        raise ValueError(f"the Golomb header lacks {', '.join(missing)}")
+    for key in ("n", "count", "m", "nbits"):
+        value = header[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"the Golomb header's {key}={value!r} is not a non-negative integer")
+    if not isinstance(header["rare"], bool):
+        raise ValueError(f"the Golomb header's rare={header['rare']!r} is not true or false")
+    if header["m"] < 1:
+        raise ValueError(f"the Golomb header's m={header['m']} is not at least 1")
+    if header["count"] > header["n"]:
+        raise ValueError(f"the Golomb header's count={header['count']} exceeds n={header['n']}")
+    if header["nbits"] > 8 * nbytes or -(-header["nbits"] // 8) != nbytes:
+        raise ValueError(f"the Golomb header's nbits={header['nbits']} does not match the {nbytes} bytes of code")
+    if header["count"] > header["nbits"]:  # every coded position costs at least one bit
+        raise ValueError(f"the Golomb header's count={header['count']} exceeds its nbits={header['nbits']}")
+    return header
+
+
 def golomb_decode(data: bytes, header: dict) -> np.ndarray:
-    """Inverse of ``golomb_encode``: the flat bool array."""
-    stream = np.unpackbits(np.frombuffer(data, np.uint8), count=header["nbits"])
-    m, rare = header["m"], header["rare"]
+    """Inverse of ``golomb_encode``: the flat bool array. A header or code that is not one
+    ``golomb_encode`` wrote (a run past the end of the mask, a code that ends early or has bits
+    left over) raises ``ValueError``."""
+    header = check_header(header, len(data))
+    nbits = header["nbits"]
+    stream = np.unpackbits(np.frombuffer(data, np.uint8), count=nbits).tolist()
+    m, rare, n = header["m"], header["rare"], header["n"]
     b = max(1, math.ceil(math.log2(m))) if m > 1 else 0
     cutoff = (1 << b) - m
-    out = np.full(header["n"], not rare, bool)
+    out = np.full(n, not rare, bool)
     i, pos = 0, -1
-    for _ in range(header["count"]):
-        q = 0
-        while stream[i]:
-            q, i = q + 1, i + 1
-        i += 1
-        r = 0
-        if m > 1:
-            x = 0
-            for _ in range(b - 1):
-                x, i = (x << 1) | int(stream[i]), i + 1
-            if x < cutoff:
-                r = x
-            else:
-                x, i = (x << 1) | int(stream[i]), i + 1
-                r = x - cutoff
-        pos += q * m + r + 1
-        out[pos] = rare
+    try:
+        for k in range(header["count"]):
+            q = 0
+            while stream[i]:
+                q, i = q + 1, i + 1
+            i += 1
+            r = 0
+            if m > 1:
+                x = 0
+                for _ in range(b - 1):
+                    x, i = (x << 1) | stream[i], i + 1
+                if x < cutoff:
+                    r = x
+                else:
+                    x, i = (x << 1) | stream[i], i + 1
+                    r = x - cutoff
+            pos += q * m + r + 1
+            if pos >= n:
+                raise ValueError(f"the Golomb code's run {k} ends at gate {pos}, past the mask's {n} gates")
+            out[pos] = rare
+    except IndexError:
+        raise ValueError(f"the Golomb code ends inside run {k} of {header['count']}") from None
+    if i != nbits:
+        raise ValueError(f"the Golomb code has {nbits - i} bits left over after its {header['count']} runs")
     return out

@@ -52,7 +52,7 @@ def test_save_load_round_trip(structured, tmp_path):
     save_ticket(path, _meta(structured), _random_masks(structured, seed=1))
     save_ticket(path, _meta(structured), masks)  # overwrites the first
     ticket = load_ticket(path)
-    assert ticket.meta["format_version"] == 1 and ticket.meta.items() >= _meta(structured).items()
+    assert ticket.meta["format_version"] == 2 and ticket.meta.items() >= _meta(structured).items()
     is_none = lambda x: x is None  # noqa: E731
     assert jax.tree.structure(ticket.gate_masks, is_leaf=is_none) == jax.tree.structure(masks, is_leaf=is_none)
     loaded, masks = masking.named_leaves(ticket.gate_masks), masking.named_leaves(masks)
