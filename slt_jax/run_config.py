@@ -3,7 +3,8 @@
 ``validate_config`` checks each key of ``configs/default.py`` against its type and range (a key
 with no rule here is a library bug, caught by the tests). Checks that need the data or the
 model (batch size against the training set, a gate policy that matches no parameter) happen in
-``slt_jax.train`` as soon as those exist. The config itself is never written: resolved values
+``slt_jax.train`` as soon as those exist; ``check_model_fits`` checks the model against the data's
+image shape there. The config itself is never written: resolved values
 (step counts) travel as arguments.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import ml_collections
 from slt_jax.frozen import FROZEN_DTYPES
 from slt_jax.methods import METHODS
 from slt_jax.methods.schedules import SCHEDULES
-from slt_jax.models import MODELS
+from slt_jax.models import MODELS, create_model
 from slt_jax.models.inits import WEIGHT_INITS
 from slt_jax.ticket import MASK_CODINGS
 
@@ -179,3 +180,52 @@ def model_spec(config: ml_collections.ConfigDict, num_classes: int) -> dict[str,
     """The JSON-able zoo spec a ticket records (``slt_jax.models.create_model``)."""
     return {"name": config.model, "num_classes": num_classes, "weight_init": config.weight_init,
             "init_scale": config.init_scale, "use_bias": config.use_bias, "width": config.width}
+
+
+def _first_empty_value(jaxpr) -> tuple[int, ...] | None:
+    """The shape of the first zero-sized value a jaxpr (or any jaxpr nested in it) computes."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            shape = getattr(v.aval, "shape", None)
+            if shape is not None and 0 in shape:
+                return tuple(shape)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr
+                if hasattr(sub, "eqns"):
+                    found = _first_empty_value(sub)
+                    if found is not None:
+                        return found
+    return None
+
+
+def _model_problem(model, input_shape: tuple[int, ...], init_kwargs: dict[str, Any] | None) -> str | None:
+    """None if the model initialises on one image of input_shape with no empty layer, else what goes wrong."""
+    dummy = jax.ShapeDtypeStruct((1, *input_shape), jax.numpy.float32)
+    key = jax.random.key(0, impl="threefry2x32")
+    try:
+        jaxpr = jax.make_jaxpr(lambda k, x: model.init(k, x, **(init_kwargs or {})))(key, dummy)
+    except (TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    empty = _first_empty_value(jaxpr.jaxpr)
+    return None if empty is None else f"it computes an empty array of shape {empty}"
+
+
+def check_model_fits(model, spec: dict[str, Any], input_shape: tuple[int, ...],
+                     init_kwargs: dict[str, Any] | None = None) -> None:
+    """Raises ConfigError when the model cannot run on the data's images: pooling that shrinks them to
+    nothing, a width that leaves a layer no units, or a shape error. Traces the model once (no FLOPs)."""
+    problem = _model_problem(model, input_shape, init_kwargs)
+    if problem is None:
+        return
+    name, width, dims = spec["name"], spec.get("width", 1.0), "x".join(map(str, input_shape))
+    larger = next((s for s in (2, 4, 8, 16, 32, 64, 128, 224) if s > max(input_shape[:2])
+                   and _model_problem(model, (s, s, *input_shape[2:]), init_kwargs) is None), None)
+    if larger:
+        raise ConfigError(f"model {name} needs larger inputs than {dims} ({problem}); allowed: images of "
+                          f"{larger}x{larger} or larger, or a model with less downsampling")
+    if width < 1.0 and _model_problem(create_model({**spec, "width": 1.0}), input_shape, init_kwargs) is None:
+        raise ConfigError(f"width={width} leaves model {name} a layer with no units ({problem}); allowed: a width "
+                          "at which every layer keeps at least one unit")
+    raise ConfigError(f"model {name} with width={width} cannot run on {dims} inputs ({problem}); allowed: larger "
+                      "inputs, a larger width, or another model")

@@ -9,13 +9,14 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from typing import Any
 
 import numpy as np
 
-from slt_jax.data.arrays import ArrayDataset, DataError, from_arrays, preprocess, split_off
+from slt_jax.data.arrays import ArrayDataset, DataError, available_memory, from_arrays, gib, preprocess, split_off
 
 DATASET_KINDS = ("digits", "synthetic", "npz:PATH", "tfds:NAME")
 
@@ -30,27 +31,73 @@ def _digits(config) -> ArrayDataset:
 
 
 def _synthetic(config) -> ArrayDataset:
-    rng = np.random.default_rng(config.split_seed)
+    from slt_jax.run_config import ConfigError  # not at the top: run_config imports this package
+
     shape = tuple(config.synthetic_shape)
-    n = config.synthetic_size
+    n, k = config.synthetic_size, config.num_classes
+    if k > n:
+        raise ConfigError(f"num_classes={k} with synthetic_size={n}: every class needs an example; allowed: "
+                          f"num_classes <= synthetic_size")
+    need = n * math.prod(shape) * 5  # uint8 images plus their float32 model inputs
+    if need > available_memory():
+        raise ConfigError(f"synthetic_size={n} of synthetic_shape={shape} needs {gib(need)} of memory but "
+                          f"{gib(available_memory())} is available; allowed: a smaller synthetic_size or synthetic_shape")
+    rng = np.random.default_rng(config.split_seed)
     x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-    y = rng.integers(0, config.num_classes, n)
-    y[: config.num_classes] = np.arange(config.num_classes)  # every class present
+    y = rng.integers(0, k, n)
+    y[:k] = np.arange(k)  # every class present
     return from_arrays("synthetic", x, y, val_fraction=config.val_fraction, split_seed=config.split_seed,
-                       num_classes=config.num_classes)
+                       num_classes=k)
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npy_header(z: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the .npy header of a member of an npz, without reading its data."""
+    with z.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _npz_arrays(path: str) -> dict[str, np.ndarray]:
+    """The arrays of NPZ_KEYS in an npz; shapes and dtypes are read from the .npy headers first, so
+    pickled objects and data that cannot fit in memory are refused before anything is allocated."""
+    unreadable = f"{path!r} is not a readable .npz file ({{}}); save it with numpy.savez"
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {m[:-4] if m.endswith(".npy") else m: m for m in z.namelist()}
+            headers = {k: _npy_header(z, members[k]) for k in NPZ_KEYS if k in members}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise DataError(unreadable.format(type(e).__name__)) from None
+    missing = [k for k in ("x_train", "y_train") if k not in headers]
+    if missing:
+        raise DataError(f"{path!r} lacks array(s) {', '.join(missing)}; it has {sorted(members)}; required: x_train, y_train")
+    for key, (shape, dtype) in headers.items():
+        if dtype.hasobject:
+            raise DataError(f"{path!r}: {key} holds Python objects (dtype {dtype}); pickled objects are not loaded; "
+                            "allowed: plain numeric arrays, e.g. numpy.savez(path, x_train=np.stack(images), ...)")
+    stored = sum(math.prod(shape) * dtype.itemsize for shape, dtype in headers.values())
+    shape, dtype = headers["x_train"]
+    need = stored + 4 * math.prod(shape)  # the arrays as stored, plus x_train as float32 model inputs
+    available = available_memory()
+    if need > available:
+        raise DataError(f"{path!r}: x_train of shape {shape} ({dtype}) needs {gib(need)} in memory ({gib(stored)} as "
+                        f"stored, {gib(4 * math.prod(shape))} as float32 inputs) but {gib(available)} is available; "
+                        "allowed: a dataset that fits in memory, or tfds:NAME, which reads from disk")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in headers}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise DataError(unreadable.format(type(e).__name__)) from None
 
 
 def _npz(path: str, config) -> ArrayDataset:
     if not os.path.isfile(path):
         raise DataError(f"npz file {path!r} does not exist; give --config.dataset=npz:PATH with an existing .npz file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path!r} is not a readable .npz file ({type(e).__name__}); save it with numpy.savez") from None
-    missing = [k for k in ("x_train", "y_train") if k not in arrays]
-    if missing:
-        raise DataError(f"{path!r} lacks array(s) {', '.join(missing)}; it has {sorted(arrays)}; required: x_train, y_train")
+    arrays = _npz_arrays(path)
     return from_arrays(f"npz:{path}", arrays["x_train"], arrays["y_train"], arrays.get("x_test"), arrays.get("y_test"),
                        val_fraction=config.val_fraction, split_seed=config.split_seed,
                        num_classes=config.get("num_classes") or None)

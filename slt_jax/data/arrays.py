@@ -7,6 +7,8 @@ uninterrupted run sees; the data iterator's position is just the step.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -16,16 +18,71 @@ class DataError(ValueError):
     """Bad dataset content or spec; the message names the bad value and what is allowed."""
 
 
+# Rows per chunk when converting or scanning images: about 4M values (16 MB of float32) at a time,
+# so no whole-dataset float64 (or float32 temporary) copy is ever made.
+CHUNK_VALUES = 1 << 22
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _chunks(n: int, values_per_row: int):
+    step = max(1, CHUNK_VALUES // max(1, values_per_row))
+    for i in range(0, n, step):
+        yield slice(i, min(n, i + step))
+
+
+def available_memory() -> int:
+    """Bytes of memory this process can still allocate: MemAvailable (or free pages), capped by the
+    cgroup's limit where one is set (containers)."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return 1 << 62  # unknown: do not refuse
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f, open(usage_file) as g:
+                limit, usage = f.read().strip(), g.read().strip()
+            if limit != "max":
+                avail = min(avail, int(limit) - int(usage))
+        except (OSError, ValueError):
+            pass
+    return max(0, avail)
+
+
+def gib(nbytes: float) -> str:
+    """A byte count for messages: 256.0 MiB, 9.5 GiB, 512.0 TiB."""
+    unit = next((u for u in ("TiB", "GiB") if nbytes >= 2 ** (10 * (" KMGT".index(u[0])))), "MiB")
+    return f"{nbytes / 2 ** (10 * ' KMGT'.index(unit[0])):.1f} {unit}"
+
+
 def preprocess(images: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     """Raw images (as the dataset stores them) to float32 NHWC model inputs.
 
     ``spec`` = {"scale": s, "mean": [per channel], "std": [per channel]}: x = (raw * s - mean) / std.
-    A missing channel axis is added.
+    A missing channel axis is added. Converted in chunks, in float32 throughout.
     """
-    x = np.asarray(images, np.float32)
-    if x.ndim == 3:
-        x = x[..., None]
-    return (x * np.float32(spec["scale"]) - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
+    x = np.asarray(images)
+    out = np.empty(x.shape + ((1,) if x.ndim == 3 else ()), np.float32)
+    scale = np.float32(spec["scale"])
+    mean, std = np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's check (ArrayDataset)
+        for rows in _chunks(len(x), math.prod(out.shape[1:])):
+            chunk = out[rows]
+            chunk[...] = x[rows].reshape(chunk.shape)
+            chunk *= scale
+            chunk -= mean
+            chunk /= std
+    return out
 
 
 def _check_images(name: str, x: Any) -> np.ndarray:
@@ -34,10 +91,22 @@ def _check_images(name: str, x: Any) -> np.ndarray:
         raise DataError(f"{name} has shape {x.shape}; allowed: (N, H, W) or (N, H, W, C) with C in {{1, 3}}")
     if x.shape[0] == 0:
         raise DataError(f"{name} is empty (shape {x.shape}); a dataset needs at least one example per split")
+    if 0 in x.shape[1:3]:
+        raise DataError(f"{name} has zero-size images (shape {x.shape}); allowed: images of at least 1x1 pixels")
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise DataError(f"{name} has dtype {x.dtype}; allowed: uint8 or another integer type, or floats")
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-        raise DataError(f"{name} contains {int((~np.isfinite(x)).sum())} NaN or infinite pixels; all must be finite")
+    if np.issubdtype(x.dtype, np.floating):
+        bad, example = 0, None
+        for rows in _chunks(len(x), math.prod(x.shape[1:])):
+            chunk = x[rows]
+            wrong = ~np.isfinite(chunk) | (np.abs(chunk) > FLOAT32_MAX)  # float32 makes these inf
+            n = int(wrong.sum())
+            if n and example is None:
+                example = chunk[wrong].flat[0]
+            bad += n
+        if bad:
+            raise DataError(f"{name} contains {bad} pixels that are NaN, infinite or beyond float32's range "
+                            f"(e.g. {example!r}); allowed: finite values within +-{FLOAT32_MAX:.3g} (float32)")
     return x
 
 
@@ -72,6 +141,11 @@ class ArrayDataset:
 
     def __post_init__(self):
         self._train = preprocess(self.x_train, self.preprocessing)
+        for rows in _chunks(len(self._train), math.prod(self._train.shape[1:])):
+            if not np.isfinite(self._train[rows]).all():
+                raise DataError(f"{self.name}: x_train overflows float32 once normalised (mean "
+                                f"{self.preprocessing['mean']}, std {self.preprocessing['std']}); allowed: pixel "
+                                "values whose normalised values fit in float32")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -120,11 +194,22 @@ def split_off(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
 
 
 def normalisation(x_train: np.ndarray, scale: float) -> dict[str, Any]:
-    """Preprocessing spec: scale raw values, then standardise each channel with train statistics."""
-    x = np.asarray(x_train, np.float64) * scale
+    """Preprocessing spec: scale raw values, then standardise each channel with train statistics.
+
+    Computed in float64 chunk by chunk (two passes: mean, then squared deviations), never on a
+    float64 copy of the whole training set."""
+    x = np.asarray(x_train)
     axes = tuple(range(x.ndim - 1)) if x.ndim == 4 else None
-    mean = np.atleast_1d(x.mean(axis=axes))
-    std = np.atleast_1d(x.std(axis=axes))
+    chunks = list(_chunks(len(x), math.prod(x.shape[1:])))
+    if len(chunks) <= 1:  # small data: the one-shot computation
+        xs = np.asarray(x, np.float64) * scale
+        mean, std = np.atleast_1d(xs.mean(axis=axes)), np.atleast_1d(xs.std(axis=axes))
+    else:
+        count = x.size // (x.shape[-1] if axes else 1)
+        total = sum(np.atleast_1d((np.asarray(x[r], np.float64) * scale).sum(axis=axes)) for r in chunks)
+        mean = total / count
+        sq = sum(np.atleast_1d(((np.asarray(x[r], np.float64) * scale - mean) ** 2).sum(axis=axes)) for r in chunks)
+        std = np.sqrt(sq / count)
     return {"scale": float(scale), "mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
 
 
@@ -134,8 +219,10 @@ def from_arrays(name: str, x_train, y_train, x_test=None, y_test=None, *, val_fr
     x_train = _check_images("x_train", x_train)
     y_train = _check_labels("y_train", y_train, len(x_train), num_classes)
     num_classes = num_classes or int(y_train.max()) + 1
-    if num_classes < 2:
-        raise DataError(f"y_train holds {num_classes} class; a classifier needs at least 2")
+    present = np.unique(y_train)
+    if len(present) < 2:  # whatever num_classes says: a run on one class learns nothing
+        raise DataError(f"y_train holds only class {int(present[0])} ({len(y_train)} labels); allowed: labels of at "
+                        "least 2 different classes")
     if (x_test is None) != (y_test is None):
         raise DataError("x_test and y_test come together: give both or neither")
     if x_test is not None:
