@@ -5,7 +5,7 @@
 import ml_collections
 
 from slt_jax.masking import DEFAULT_POLICY
-from slt_jax.methods import method_hyperparameters
+from slt_jax.methods import METHODS, method_hyperparameters
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     # None: the method's own recipe (CRBG: Adam 0.05 constant; edge-popup: SGD 0.1 cosine;
-    # supermask: SGD 100 constant).
+    # supermask: SGD 100 constant; biprop: edge-popup's).
     c.learning_rate = ml_collections.config_dict.placeholder(float)
     c.lr_schedule = ml_collections.config_dict.placeholder(str)  # "constant" or "cosine"
     c.warmup_epochs = 0.0  # linear learning-rate warm-up before the schedule
@@ -48,14 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
     # the other gated leaves keep one gate per weight
     c.ticket_coding = "packbits"  # how ticket/mask.npz stores the mask: "packbits" or "golomb"
 
-    # Each method's own hyperparameters, with the defaults of its dataclass (one source of truth):
+    # Each method's own hyperparameters, c.<method>, with the defaults of its dataclass (one source of truth):
     # crbg: family, lambda_mode, lam, dual_lr, dual_kp, temp_start, temp_end, decision_weight
-    # (slt_jax.methods.crbg.CRBG); edgepopup: scope, momentum, weight_decay (...edgepopup.EdgePopup).
-    c.crbg = ml_collections.ConfigDict(method_hyperparameters("crbg"))
-    c.edgepopup = ml_collections.ConfigDict(method_hyperparameters("edgepopup"))
-    # supermask: sparsity_control ("dual": the multiplier holds --config.sparsity; "none": the paper's
-    # uncontrolled masks), score_init, lam, dual_lr, dual_kp (slt_jax.methods.supermask.Supermask).
-    c.supermask = ml_collections.ConfigDict(method_hyperparameters("supermask"))
+    # (slt_jax.methods.crbg.CRBG); edgepopup and biprop: scope, momentum, weight_decay
+    # (...edgepopup.EdgePopup, ...biprop.Biprop); supermask: sparsity_control ("dual": the multiplier
+    # holds --config.sparsity; "none": the paper's uncontrolled masks), score_init, lam, dual_lr, dual_kp
+    # (...supermask.Supermask).
+    for name in METHODS:
+        c[name] = ml_collections.ConfigDict(method_hyperparameters(name))
 
     # Data.
     c.val_fraction = 0.1

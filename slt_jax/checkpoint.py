@@ -1,21 +1,28 @@
-"""Orbax checkpoints of the training state, resume, and preemption.
+"""Orbax checkpoints of the training state, resume, preemption, and disk failures.
 
 Saved under ``WORKDIR/checkpoints/STEP``: the train state (gate parameters, optimiser state,
 method state such as lambda, model running statistics, step, RNG key) and a JSON fingerprint of
-the config that shapes it. The frozen weights are never saved: they come back from the seed.
-The data position is the step (batches are a pure function of the step).
+the config and data that shape it. The frozen weights are never saved: they come back from the
+seed. The data position is the step (batches are a pure function of the step).
 
 Orbax writes each save to a temporary directory and renames it when complete, so a killed save
-is never taken for a checkpoint. A checkpoint that fails to restore is skipped with a warning
-and the previous one is used; a checkpoint made by a different config is refused.
+is never taken for a checkpoint. A checkpoint whose own content fails to decode is moved aside to
+``WORKDIR/checkpoints.corrupt/STEP-TIME`` (never deleted) with a warning, and the previous one is
+used; a checkpoint that cannot be read because the disk fails (an OS error other than a missing
+file inside it) stops the run with ``StorageError`` and nothing is touched; a checkpoint made by
+a different config or on different data is refused (``CheckpointMismatch``).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import signal
+import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from flax import serialization
 
@@ -23,14 +30,50 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointMismatch(ValueError):
-    """The workdir holds checkpoints of a different model or config."""
+    """The workdir holds checkpoints of a different model, config or data."""
+
+
+class StorageError(RuntimeError):
+    """The disk failed (I/O error, disk full, file-size limit, read-only): the message names the path and
+    what was kept; nothing was deleted."""
+
+
+def os_error(error: BaseException) -> tuple[int, str | None] | None:
+    """``(errno, path)`` of the OS failure behind ``error``, or None if it is not one: an ``OSError`` in
+    its chain, or TensorStore's ``[os_error_code='N']`` (Orbax passes those on as ValueError)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error.errno, error.filename
+        text = str(error)
+        code = re.search(r"os_error_code='?(\d+)", text)
+        if code:
+            path = re.search(r'(?:Failed writing|Failed reading|local file):? "([^"]+)"', text)
+            return int(code.group(1)), path.group(1) if path else None
+        error = error.__cause__ if error.__cause__ is not None else (
+            None if error.__suppress_context__ else error.__context__)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+def committed_steps(directory: str) -> list[int]:
+    """The steps of the complete checkpoints in ``directory`` (Orbax's temporary directories excluded)."""
+    try:
+        return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    except OSError:
+        return []
 
 
 class Checkpointer:
     def __init__(self, directory: str, fingerprint: dict[str, Any], max_to_keep: int = 2):
         self.fingerprint = fingerprint
+        self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
 
@@ -45,54 +88,116 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore_latest(self, template: Any) -> Any | None:
-        """The newest restorable state, or None. Raises CheckpointMismatch for a foreign config."""
+        """The newest restorable state, or None. Raises CheckpointMismatch for a foreign config or data,
+        StorageError when the disk fails to read one (then nothing has been changed)."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 fingerprint = self.manager.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
-                self._discard(step, e)
+                if not isinstance(fingerprint, dict):
+                    raise ValueError(f"the fingerprint is a {type(fingerprint).__name__}, not a JSON object")
+            except Exception as e:  # noqa: BLE001 - an I/O error stops the run, anything else is corruption
+                self._set_aside(step, e)
                 continue
-            if fingerprint != self.fingerprint:
-                diff = sorted(k for k in set(fingerprint) | set(self.fingerprint) if fingerprint.get(k) != self.fingerprint.get(k))
-                raise CheckpointMismatch(
-                    f"checkpoint {step} in {self.manager.directory} was made with a different config "
-                    f"(differs in: {', '.join(diff)}); use another --workdir or the same config")
+            self._check_fingerprint(step, fingerprint)
             try:
                 as_dict = serialization.to_state_dict(template)
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_dict)))
                 return serialization.from_state_dict(template, restored["state"])
             except Exception as e:  # noqa: BLE001
-                self._discard(step, e)
+                self._set_aside(step, e)
         return None
 
-    def _discard(self, step: int, error: Exception) -> None:
-        """Deletes an unrestorable checkpoint: training passes its step again and must be able to save it."""
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        log.warning("checkpoint %d is corrupt (%s: %s); deleted it, trying an earlier one", step,
-                    type(error).__name__, reason)
-        self.manager.delete(step)
+    def _check_fingerprint(self, step: int, theirs: dict[str, Any]) -> None:
+        ours = self.fingerprint
+        legacy = "data" in ours and "data" not in theirs  # made before data was fingerprinted
+        if legacy:
+            ours = {k: v for k, v in ours.items() if k != "data"}
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if not diff:
+            if legacy:
+                log.warning("checkpoint %d in %s records no data fingerprint: resuming without checking that the "
+                            "data is unchanged", step, self.directory)
+            return
+        if diff == ["data"]:
+            then, now = (d if isinstance(d, dict) else {} for d in (theirs["data"], ours["data"]))
+            raise CheckpointMismatch(
+                f"checkpoint {step} in {self.directory} was trained on other data: {now.get('name')} has changed "
+                f"(content sha256 {str(then.get('sha256'))[:12]}... then, {str(now.get('sha256'))[:12]}... now); "
+                "use another --workdir, or the data the checkpoint was trained on")
+        raise CheckpointMismatch(
+            f"checkpoint {step} in {self.directory} was made with a different config "
+            f"(differs in: {', '.join(diff)}); use another --workdir or the same config")
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Moves a corrupt checkpoint to DIRECTORY.corrupt/STEP-TIME (training passes its step again and must
+        be able to save it); an OS error other than a missing file is the disk's fault: StorageError."""
+        failure = os_error(error)
+        if failure is not None and failure[0] != errno.ENOENT:
+            code, path = failure
+            raise StorageError(
+                f"cannot read checkpoint {step} in {self.directory}: {os.strerror(code)} (errno {code}"
+                f"{', ' + str(path) if path else ''}); stopped without changing anything: fix the disk, then run "
+                "the same command") from error
+        source = os.path.join(self.directory, str(step))
+        aside = os.path.join(self.directory + ".corrupt", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        n, target = 1, aside
+        while os.path.exists(target):
+            n, target = n + 1, f"{aside}-{n + 1}"
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"slt_jax checkpoint {step} set aside")
+        self.manager.reload()
+        log.warning("checkpoint %d is corrupt (%s: %s); moved it aside to %s, trying an earlier one", step,
+                    type(error).__name__, _first_line(error), target)
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for the last save and releases Orbax's threads, even when the save failed (then raises)."""
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
 
 
 class PreemptionFlag:
-    """Catches SIGTERM so the loop can save and exit cleanly (single-process preemption)."""
+    """Catches SIGTERM (preemption) and SIGINT (Ctrl-C) so the run can stop at a safe point: save, print one
+    line, exit. A second SIGINT raises KeyboardInterrupt at once.
+
+    Installed as the handler itself; a signal caught by the handler it replaces (anything with a ``signum``
+    attribute, such as ``run.py``'s during start-up) counts as caught here."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.raised = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
 
     def __enter__(self) -> "PreemptionFlag":
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self)
+                self.signum = self.signum or getattr(self._previous[s], "signum", None)
         except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+            pass
         return self
 
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
+    def __call__(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}

@@ -129,3 +129,20 @@ def frozen_storage(model: Any, params: Any, input_shape: tuple[int, ...], seed: 
             frozen_dtype))
     stored = jax.tree.map(lambda w: jnp.asarray(w).astype(frozen_dtype), params)
     return FrozenStorage(stored, lambda frozen: jax.tree.map(lambda w: w.astype(jnp.float32), frozen))
+
+
+def binarized_weights(params: Any, masks: Any) -> Any:
+    """biprop's weights: on each gated leaf, sign(w) * alpha with alpha = sum(|w| m) / sum(m), the
+    mean magnitude of the weights the mask keeps (Diffenderfer & Kailkhura 2021); other leaves as
+    they are. A function of the seed's weights and the mask only, so a biprop ticket stores no
+    floats. Traceable, and differentiable in soft masks (alpha sees the training mask too)."""
+    per_leaf = masking.leaf_masks(params, masks)
+
+    def binarize(w, m):
+        if m is None:
+            return w
+        m = jnp.broadcast_to(m, jnp.shape(w)).astype(jnp.asarray(w).dtype)
+        alpha = jnp.sum(jnp.abs(w) * m) / jnp.maximum(jnp.sum(m), 1.0)
+        return jnp.sign(w) * alpha
+
+    return jax.tree.map(binarize, params, per_leaf)

@@ -6,7 +6,8 @@ The wrapped module's variables are ``{"frozen": params, "gates": gate tree, **ot
     logits = g.apply(variables, x, rngs={"gates": k}, step=t)   # a training sample of the gates
     logits = g.apply(variables, x)                    # the binary ticket: where(mask, frozen, 0)
 
-``apply`` computes ``module.apply({"params": apply_masks(frozen, masks), **other}, x)``. It stops
+``apply`` computes ``module.apply({"params": method.masked_params(frozen, masks), **other}, x)``
+(``apply_masks(frozen, masks)`` for every method but biprop). It stops
 gradients at "frozen" (so ``jax.grad`` over all variables computes no weight gradient), and
 refuses to make "frozen" or "gates" mutable. The module itself knows nothing of gates. Pair it
 with ``slt_jax.gates_only(tx)`` for an optimiser over the whole variables tree, or differentiate
@@ -65,7 +66,7 @@ class Gated:
             raise ValueError(f"mutable={mutable!r}; allowed: collections other than {FROZEN!r} and {GATES!r}")
         rngs = dict(rngs or {})
         variables = stop_frozen(variables)
-        params = masking.apply_masks(variables[FROZEN], self.masks(variables[GATES], rngs.pop(GATES, None), step))
+        params = self.method.masked_params(variables[FROZEN], self.masks(variables[GATES], rngs.pop(GATES, None), step))
         others = {k: v for k, v in variables.items() if k not in (FROZEN, GATES)}
         return self.module.apply({"params": params, **others}, *args, rngs=rngs or None, mutable=mutable, **kwargs)
 

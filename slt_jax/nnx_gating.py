@@ -9,7 +9,7 @@ Data flow of one call ``gated(x, key=k, step=t)``::
     graphdef, W, rest = nnx.split(model, nnx.Param, ...)       # W: the frozen weights
     m      = method.train_masks(g, k, t)     with key k (a noisy training sample of the gates g)
            = method.binary_masks(g)          without a key (the ticket: bool, where(m, W, 0))
-    W'     = apply_masks(stop_gradient(W), m)                  # same rule as Linen: slt_jax.masking
+    W'     = method.masked_params(stop_gradient(W), m)         # = apply_masks(W, m), as with Linen
     logits = nnx.merge(graphdef, W', rest)(x)
 
 ``nnx.merge`` reuses ``rest``'s variables, so the model's other state (BatchNorm statistics,
@@ -95,5 +95,5 @@ class GatedModel(nnx.Module):
         sets e.g. CRBG's temperature); without it the binary ticket is applied."""
         graphdef, weights, rest = nnx.split(self.model, nnx.Param, ...)
         # stop_gradient: even a gradient taken w.r.t. nnx.Param is zero for the frozen weights.
-        masked = masking.apply_masks(jax.lax.stop_gradient(weights), self.masks(key, step))
+        masked = self.method.masked_params(jax.lax.stop_gradient(weights), self.masks(key, step))
         return nnx.merge(graphdef, masked, rest)(*args, **kwargs)

@@ -3,7 +3,7 @@
 ``make_train_step(apply_fn, method, tx)`` returns ``step(state, frozen, x, y) -> (state, metrics)``::
 
     masks  = method.train_masks(state.gates, fold_in(state.rng, state.step), state.step)
-    logits = apply_fn({"params": apply_masks(frozen, masks), **state.model_state}, x, **apply_kwargs)
+    logits = apply_fn({"params": method.masked_params(frozen, masks), **state.model_state}, x, **apply_kwargs)
     loss   = loss_fn(logits, y) + method.penalty(state.gates, state.method_state, state.step)
     gates, opt_state = tx.update(grad(loss) w.r.t. state.gates only)
     method_state     = method.update_state(...)
@@ -20,8 +20,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-
-from slt_jax import masking
 
 Array = jax.Array
 LossFn = Callable[[Array, Array], Array]
@@ -119,7 +117,7 @@ def make_train_step(apply_fn: Callable, method: Any, tx: optax.GradientTransform
         key = jax.random.fold_in(state.rng, state.step)  # replicated: every device draws the same mask
 
         def loss(gates):
-            masked = masking.apply_masks(params, method.train_masks(gates, key, state.step))
+            masked = method.masked_params(params, method.train_masks(gates, key, state.step))
             logits, model_state = _apply(apply_fn, masked, state.model_state, x, kwargs)
             ce = loss_fn(logits, y)
             penalty, aux = method.penalty(gates, state.method_state, state.step)
@@ -140,8 +138,9 @@ def make_train_step(apply_fn: Callable, method: Any, tx: optax.GradientTransform
 
 
 def ticket_params(method: Any, gates: Any, params: Any) -> Any:
-    """The binary ticket's params: ``where(method.binary_masks(gates), params, 0)`` on gated leaves."""
-    return masking.apply_masks(params, method.binary_masks(gates))
+    """The binary ticket's params: ``method.masked_params`` under ``method.binary_masks(gates)``
+    (``where(mask, params, 0)`` on gated leaves for every method but biprop)."""
+    return method.masked_params(params, method.binary_masks(gates))
 
 
 def make_eval_fn(apply_fn: Callable, apply_kwargs: dict[str, Any] | None = None) -> Callable:

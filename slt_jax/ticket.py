@@ -19,8 +19,10 @@ refuses a ticket that disagrees with it, or that is damaged in any other way, wi
 ``mask_integrity`` existed) still load, with every check but those against the record.
 
 No float weights are stored: ``frozen_params()`` regenerates them from the seed, bit-exact (or
-reads the params file the run started from, checking its sha256), and ``masked_params()`` is
-exactly ``where(mask, frozen, 0)`` on gated leaves. ``ticket.json`` needs ``seed`` and
+reads the params file the run started from, checking its sha256; a biprop ticket, recorded as
+``"weights": "binarized"``, then takes sign(w0) times the kept weights' mean magnitude per leaf, a
+function of the seed and the mask), and ``masked_params()`` is exactly ``where(mask, frozen, 0)``
+on gated leaves. ``ticket.json`` needs ``seed`` and
 ``input_shape``; ``model`` (a zoo spec) lets a ticket reload alone, any other Flax module is
 passed to ``load_ticket(path, model=...)``. This module needs the models, ``slt_jax.masking`` and
 ``slt_jax.frozen`` only, so a ticket loads without the training stack.
@@ -45,7 +47,7 @@ import numpy as np
 
 from slt_jax import mask_coding, masking
 from slt_jax.data.arrays import preprocess
-from slt_jax.frozen import init_variables, load_params_file, round_frozen, weights_key
+from slt_jax.frozen import binarized_weights, init_variables, load_params_file, round_frozen, weights_key
 from slt_jax.models import create_model
 
 # 2: ticket.json records ``mask_integrity`` (each gated leaf's shape, kept count and sha256, the
@@ -55,6 +57,9 @@ FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 # The zoo's models take ``train``; a ticket of another model records its own init arguments.
 ZOO_INIT_KWARGS = {"train": False}
+# ticket.json "weights": absent for the seed's (or the params file's) weights themselves;
+# BINARIZED for biprop's sign(w0) * alpha(mask) (slt_jax.frozen.binarized_weights).
+BINARIZED = "binarized"
 
 
 MASK_CODINGS = ("packbits", "golomb")
@@ -397,7 +402,10 @@ class Ticket:
         source = self.meta.get("frozen_from")
         if source:
             params = load_params_file(self._frozen_from or source["path"], params, source["sha256"])
-        return jax.device_get(round_frozen(params, self.meta.get("frozen_dtype", "float32")))
+        params = round_frozen(params, self.meta.get("frozen_dtype", "float32"))
+        if self.meta.get("weights") == BINARIZED:  # biprop: the kept weights' signs times their mean magnitude
+            params = binarized_weights(params, self.gate_masks)
+        return jax.device_get(params)
 
     def frozen_params(self) -> Any:
         """The network's initial weights: regenerated from the seed (or read from the recorded params

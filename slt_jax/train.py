@@ -8,9 +8,14 @@ This module holds the loop and the workdir's files; config checks live in ``slt_
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -23,15 +28,16 @@ from tqdm import tqdm
 
 from slt_jax import frozen as frozen_lib
 from slt_jax import masking, sharding
-from slt_jax.checkpoint import Checkpointer, PreemptionFlag
-from slt_jax.data import load_dataset
+from slt_jax.checkpoint import (CheckpointMismatch, Checkpointer, PreemptionFlag, StorageError, committed_steps,
+                                os_error)
+from slt_jax.data import DataError, load_dataset
 from slt_jax.gates import gate_count
-from slt_jax.methods import create_method
+from slt_jax.methods import Biprop, create_method
 from slt_jax.models import create_model
 from slt_jax.plots import write_run_plots
 from slt_jax.run_config import ConfigError, fingerprint, model_spec, validate_config
 from slt_jax.step import TrainState, classification_loss, make_eval_fn, make_train_step, ticket_params
-from slt_jax.ticket import ZOO_INIT_KWARGS, save_ticket, ticket_size
+from slt_jax.ticket import BINARIZED, ZOO_INIT_KWARGS, save_ticket, ticket_size
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,20 @@ class TrainingDiverged(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM arrived; the state was checkpointed and the run can resume."""
+    """SIGTERM or SIGINT arrived; the run stopped at a safe point (the state checkpointed if training had begun)
+    and the same command resumes it. ``signum`` is the signal."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
+
+
+class WorkdirInUse(RuntimeError):
+    """Another live run holds the workdir's lock."""
+
+
+# OS errors that mean the disk failed us, not that our code is wrong.
+STORAGE_ERRNOS = (errno.EIO, errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def _accuracy(eval_fn, params, model_state, dataset, split: str, batch_size: int, mesh) -> float:
@@ -83,6 +102,8 @@ class Run:
         self.spec = model_spec(config, self.dataset.num_classes)
         self.model = create_model(self.spec)
         input_shape = self.dataset.input_shape
+        from slt_jax.run_config import check_model_fits  # pooling that empties the images, a width with no units
+        check_model_fits(self.model, self.spec, input_shape, ZOO_INIT_KWARGS)
         variables = frozen_lib.init_variables(self.model, input_shape, config.seed, ZOO_INIT_KWARGS)
         params = variables.pop("params")
         if config.frozen_from:
@@ -136,7 +157,7 @@ class Run:
                 out[f"{split}_accuracy"] = _accuracy(self.eval_fn, params, state.model_state, self.dataset, split,
                                                      cfg.eval_batch_size, self.mesh)
         sample = self.method.train_masks(state.gates, self.eval_key, state.step)
-        stochastic = masking.apply_masks(frozen, sample)
+        stochastic = self.method.masked_params(frozen, sample)
         out["stochastic_val_accuracy"] = _accuracy(self.eval_fn, stochastic, state.model_state, self.dataset, "val",
                                                    cfg.eval_batch_size, self.mesh)
         out["binary_gap"] = out["stochastic_val_accuracy"] - out["val_accuracy"]
@@ -154,6 +175,8 @@ class Run:
                 "structured_policy": cfg.structured_policy, "method": cfg.method,
                 "frozen_dtype": cfg.frozen_dtype,  # the ticket is defined on weights rounded to it
                 "dataset": cfg.dataset, "preprocessing": self.dataset.preprocessing}
+        if isinstance(self.method, Biprop):  # the ticket computes with sign(w0) * alpha(mask)
+            meta["weights"] = BINARIZED
         if cfg.frozen_from:
             meta["frozen_from"] = {"path": os.path.abspath(cfg.frozen_from), "sha256": self.frozen_sha256}
         return meta
@@ -166,19 +189,82 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drops metrics logged after ``step``: a resumed run logs them again."""
+def _steps_text(steps: list[int]) -> str:
+    return ", ".join(map(str, steps[:5])) + (f" and {len(steps) - 5} more" if len(steps) > 5 else "")
+
+
+def _repair_metrics(path: str, step: int, log_every: int, num_steps: int) -> None:
+    """Keeps the intact records of steps up to ``step`` (the resumed checkpoint's); later ones are dropped
+    and logged again by the resumed run. Damage (a line cut off by a kill or a full disk, garbled or
+    duplicated lines, a deleted file, records missing before ``step``) is repaired from what is intact,
+    with one warning naming the file and what was dropped or is missing."""
     if not os.path.exists(path):
+        if step > 0:
+            log.warning("%s is missing: the records of steps 1 to %d are lost (training resumes at step %d and "
+                        "logs the later ones)", path, step, step)
         return
-    with open(path) as f:
-        # A run killed mid-write can leave a last line without its newline: dropped, it is logged again.
-        keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+    with open(path, "rb") as f:
+        content = f.read()
+    lines = content.splitlines()
+    cut_off = not content.endswith(b"\n")  # the last line's write was cut off (kill, full disk)
+    keep, dropped, seen = [], [], set()
+    for number, line in enumerate(lines, start=1):
+        try:
+            record_step = json.loads(line.decode())["step"]
+            if isinstance(record_step, bool) or not isinstance(record_step, int) or record_step in seen:
+                raise ValueError(record_step)
+        except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):  # JSONDecodeError: a ValueError
+            if not (cut_off and number == len(lines)):  # a cut-off record is logged again, or reported missing
+                dropped.append(number)
+            continue
+        if record_step <= step:
+            seen.add(record_step)
+            keep.append(line + b"\n")
+    expected = set(range(log_every, step + 1, log_every)) | ({num_steps} if num_steps <= step else set())
+    missing = sorted(expected - seen)
+    if dropped or missing:
+        what = []
+        if dropped:
+            what.append(f"dropped {len(dropped)} unreadable or duplicate line(s) (line {_steps_text(dropped)})")
+        if missing:
+            what.append(f"no record of step(s) {_steps_text(missing)} (lost; not logged again)")
+        log.warning("%s was damaged: %s; kept its %d intact record(s) up to step %d", path, "; ".join(what),
+                    len(keep), step)
+    if b"".join(keep) != content:
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)  # a kill during the repair leaves the old file, never half of it
 
 
 def _to_float(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def data_fingerprint(dataset: Any) -> dict[str, str]:
+    """What the checkpoint records about the data, so a resume on other data is refused: a SHA-256 of the
+    dtype, shape and bytes of every array of an in-memory dataset (digits, synthetic, npz), or of a tfds
+    dataset's name, version and split sizes (hashing its files would take minutes)."""
+    digest = hashlib.sha256()
+    keys = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+    if any(isinstance(getattr(dataset, k, None), np.ndarray) for k in keys):
+        for key in keys:
+            a = getattr(dataset, key, None)
+            if a is None:
+                digest.update(f"{key}=None;".encode())
+                continue
+            a = np.ascontiguousarray(a)
+            digest.update(f"{key}={a.dtype.str}{a.shape};".encode())
+            digest.update(a.reshape(-1).view(np.uint8).data)
+    else:
+        parts = {"num_train": getattr(dataset, "num_train", None), "num_classes": getattr(dataset, "num_classes", None)}
+        for split in ("train", "test"):
+            source = getattr(dataset, f"_{split}_source", None)
+            info = getattr(source, "dataset_info", None)
+            parts[split] = None if source is None else {"size": len(source), "name": str(getattr(info, "full_name", "")),
+                                                        "version": str(getattr(info, "version", ""))}
+        digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return {"name": str(getattr(dataset, "name", type(dataset).__name__)), "sha256": digest.hexdigest()}
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -190,30 +276,138 @@ def prepare_workdir(workdir: str) -> None:
         raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror}); allowed: a directory you can write") from None
 
 
+def _lock_holder(fd: int) -> str:
+    """The pid holding the flock on ``fd``'s file, from /proc/locks (Linux); "unknown" elsewhere."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if "FLOCK" in fields and fields[-3] == inode and fields[-4].isdigit():
+                    return fields[-4]
+    except OSError:
+        pass
+    return "unknown"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds an exclusive flock on WORKDIR/.lock: a second run in the workdir fails with WorkdirInUse before
+    writing anything. The kernel drops the lock when the holder exits, however it exits (even kill -9), so a
+    dead run never blocks. Under jax.distributed only process 0 locks (the processes share the workdir)."""
+    fd, busy = None, None
+    if jax.process_index() == 0:
+        fd = os.open(os.path.join(workdir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = f"pid {_lock_holder(fd)}"
+            os.close(fd)
+            fd = None
+    if jax.process_count() > 1:  # every process learns process 0's outcome, so none waits on a missing peer
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(busy is None))):
+            busy = busy or "see process 0"
+    if busy:
+        raise WorkdirInUse(f"workdir {workdir} is in use by another run ({busy} holds {os.path.join(workdir, '.lock')}); "
+                           "allowed: one run per workdir: wait for it to finish, or use another --workdir")
+    try:  # the file stays empty: a run refused for whatever reason leaves the workdir byte for byte as it was
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _kept(workdir: str) -> str:
+    steps = committed_steps(os.path.join(workdir, "checkpoints"))
+    if not steps:
+        return "kept: no checkpoint yet (a rerun starts at step 0)"
+    return f"kept: the checkpoint(s) of step {', '.join(map(str, steps))} in {os.path.join(workdir, 'checkpoints')}"
+
+
+def _storage_error(error: BaseException, workdir: str) -> StorageError | None:
+    """A one-line StorageError for a disk failure (full, file-size limit, I/O error, read-only), else None."""
+    failure = os_error(error)
+    if failure is None or failure[0] not in STORAGE_ERRNOS:
+        return None
+    code, path = failure
+    checkpoints = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if path is None or os.path.abspath(str(path)).startswith(checkpoints):
+        where = f"a checkpoint to {checkpoints}"
+    else:
+        where = str(path)
+    what = "I/O error on" if code == errno.EIO else "cannot write"
+    return StorageError(f"{what} {where}: {os.strerror(code)} (errno {code}); {_kept(workdir)}; fix the disk (free "
+                        "space, raise the limit), then run the same command to resume")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Finds a ticket; writes WORKDIR/{config.json, metrics.jsonl, checkpoints/, ticket/, *.png}.
 
-    Re-running with the same config and workdir resumes from the latest checkpoint.
-    Returns the summary that ``run.py`` prints as its last line.
+    Re-running with the same config and workdir resumes from the latest checkpoint. One run at a time
+    per workdir (WorkdirInUse); SIGTERM or SIGINT stops at a safe point (Preempted); a failing disk
+    raises StorageError naming the path and what was kept. Returns the summary ``run.py`` prints last.
     """
-    prepare_workdir(workdir)
-    run = Run(config, workdir)
+    with PreemptionFlag() as signals:
+        prepare_workdir(workdir)
+        run = Run(config, workdir)  # checks config and data; writes nothing
+        if signals.raised:  # e.g. during the imports or the data loading
+            raise Preempted(f"{signals.name} during start-up, before training: nothing written; run the same command "
+                            "to start", signals.signum)
+        with workdir_lock(workdir):
+            try:
+                return _train_and_evaluate(run, workdir, signals)
+            except (StorageError, Preempted, TrainingDiverged, CheckpointMismatch, ConfigError, DataError):
+                raise
+            except Exception as e:
+                error = _storage_error(e, workdir)
+                if error is None:
+                    raise
+                raise error from e
+
+
+def _train_and_evaluate(run: Run, workdir: str, signals: PreemptionFlag) -> dict[str, Any]:
+    config = run.config
     is_main = jax.process_index() == 0
     metrics_path = os.path.join(workdir, "metrics.jsonl")
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), fingerprint(config))
-    template = run.initial_state()
-    state = checkpointer.restore_latest(template)  # refuses another config's checkpoints before we write anything
-    if is_main:
-        _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
-    if state is None:
-        state = template
-        if is_main and os.path.exists(metrics_path):
-            os.remove(metrics_path)
-    else:
-        log.info("resuming from step %d", int(state.step))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                {**fingerprint(config), "data": data_fingerprint(run.dataset)})
+    try:
+        template = run.initial_state()
+        # Refuses another config's checkpoints, and stops on an unreadable disk, before we write anything.
+        state = checkpointer.restore_latest(template)
         if is_main:
-            _truncate_metrics(metrics_path, int(state.step))
+            _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+        if state is None:
+            state = template
+            if is_main and os.path.exists(metrics_path):
+                os.remove(metrics_path)
+        else:
+            log.info("resuming from step %d", int(state.step))
+            if is_main:
+                _repair_metrics(metrics_path, int(state.step), config.log_every, run.num_steps)
+        start = int(state.step)
+        if signals.raised:
+            raise Preempted(f"{signals.name} during start-up, before training: nothing new to save (checkpoints kept in "
+                            f"{workdir}/checkpoints); run the same command to resume at step {start}", signals.signum)
+        t0 = time.time()
+        state = _train(run, state, checkpointer, signals, metrics_path, is_main)
+    except BaseException:
+        try:
+            checkpointer.close()
+        except Exception:  # noqa: BLE001 - the error in flight says more than a failed last save
+            pass
+        raise
+    checkpointer.close()
+    return _finish(run, state, time.time() - t0, workdir, signals, is_main)
+
+
+def _train(run: Run, state: TrainState, checkpointer: Checkpointer, signals: PreemptionFlag, metrics_path: str,
+           is_main: bool) -> TrainState:
+    config, workdir = run.config, run.workdir
     # The step donates the state, so every leaf needs a buffer of its own; restored leaves may share one.
     state = jax.device_put(state, sharding.replicated(run.mesh), may_alias=False)
     train_step = run.train_step()
@@ -233,41 +427,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.save(step, state)
 
     start = int(state.step)
-    t0 = time.time()
     bar = tqdm(total=run.num_steps, initial=start, desc=f"{config.method} {config.model}", unit="step",
                disable=not (config.progress and is_main), file=sys.stderr, dynamic_ncols=True)
     try:
-        with PreemptionFlag() as preempted:
-            for step in range(start, run.num_steps):
-                x, y = run.dataset.train_batch(config.seed, step, config.batch_size)
-                xs, ys = sharding.shard_batch((x, y), run.mesh)
-                state, metrics = train_step(state, run.frozen, xs, ys)
-                done = step + 1
-                if done % config.log_every == 0 or done == run.num_steps:
-                    check_finite(done)
-                    m = _to_float(metrics)
-                    record = {"step": done, **m}
-                    if done % config.eval_every == 0 or done == run.num_steps:
-                        ev = run.evaluate(state)
-                        record.update(ev)
-                        bar.set_postfix(loss=f"{m['loss']:.3f}", val=f"{ev['val_accuracy']:.3f}",
-                                        sparsity=f"{ev['sparsity']:.3f}")
-                    log_metrics(record)
-                if (config.checkpoint_every and done % config.checkpoint_every == 0) or preempted.raised:
-                    checkpoint(done)
-                bar.update(1)
-                if preempted.raised:
-                    checkpointer.wait()
-                    raise Preempted(f"SIGTERM at step {done}: checkpoint saved in {workdir}/checkpoints; "
-                                    "run the same command to resume")
-            if int(state.step) not in checkpointer.manager.all_steps():
-                checkpoint(int(state.step))
+        for step in range(start, run.num_steps):
+            x, y = run.dataset.train_batch(config.seed, step, config.batch_size)
+            xs, ys = sharding.shard_batch((x, y), run.mesh)
+            state, metrics = train_step(state, run.frozen, xs, ys)
+            done = step + 1
+            if done % config.log_every == 0 or done == run.num_steps:
+                check_finite(done)
+                m = _to_float(metrics)
+                record = {"step": done, **m}
+                if done % config.eval_every == 0 or done == run.num_steps:
+                    ev = run.evaluate(state)
+                    record.update(ev)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", val=f"{ev['val_accuracy']:.3f}",
+                                    sparsity=f"{ev['sparsity']:.3f}")
+                log_metrics(record)
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or signals.raised:
+                checkpoint(done)
+            bar.update(1)
+            if signals.raised:
+                checkpointer.wait()
+                raise Preempted(f"{signals.name} at step {done}: checkpoint saved in {workdir}/checkpoints; "
+                                "run the same command to resume", signals.signum)
+        if int(state.step) not in checkpointer.manager.all_steps():
+            checkpoint(int(state.step))
     finally:
         bar.close()
-        checkpointer.wait()
-        checkpointer.close()
-    train_seconds = time.time() - t0
+    return state
 
+
+def _finish(run: Run, state: TrainState, train_seconds: float, workdir: str, signals: PreemptionFlag,
+            is_main: bool) -> dict[str, Any]:
+    """The final evaluation and the ticket; a signal before the ticket is written stops here (the final
+    checkpoint is saved, so a rerun only evaluates and writes the ticket)."""
+    config = run.config
+
+    def stop_if_signalled() -> None:
+        if signals.raised:
+            raise Preempted(f"{signals.name} after training, before the ticket was written: checkpoint of step "
+                            f"{int(state.step)} saved in {workdir}/checkpoints; run the same command to write the "
+                            "ticket", signals.signum)
+
+    stop_if_signalled()
     final = run.evaluate(state, splits=("val", "test"))
     binary = jax.device_get(run.method.binary_masks(state.gates))
     summary = {
@@ -280,7 +484,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "ticket_size": ticket_size(binary, final["gated_weights"]),
         "train_seconds": round(train_seconds, 2), "workdir": workdir,
     }
-    if is_main:
+    stop_if_signalled()
+    if is_main:  # from here on a signal waits: the ticket, plots and summary take a moment
         meta = {**run.ticket_meta(), "size": summary["ticket_size"],
                 "metrics": {k: summary[k] for k in ("val_accuracy", "test_accuracy", "sparsity", "binary_gap")}}
         save_ticket(os.path.join(workdir, "ticket"), meta, binary, jax.device_get(state.model_state),

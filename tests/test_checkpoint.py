@@ -127,7 +127,7 @@ def _delete_metadata(step_dir) -> None:
 
 
 @pytest.mark.parametrize("corrupt", [_truncate_data, _delete_metadata], ids=["truncated_data", "deleted_metadata"])
-def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(reference, tmp_path, corrupt):
+def test_corrupt_newest_checkpoint_is_moved_aside_with_a_warning(reference, tmp_path, corrupt):
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     shutil.rmtree(workdir / "ticket")
@@ -139,7 +139,11 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(reference, tmp_path
     shutil.copytree(workdir / "checkpoints" / str(steps[-2]), leftover)
     p = finish(workdir)
     assert p.returncode == 0, p.stderr
-    assert f"checkpoint {NUM_STEPS} is corrupt" in p.stderr and "trying an earlier one" in p.stderr
+    assert f"checkpoint {NUM_STEPS} is corrupt" in p.stderr and "moved it aside" in p.stderr, p.stderr
+    assert "trying an earlier one" in p.stderr
+    # Set aside, never deleted: WORKDIR/checkpoints.corrupt/STEP-TIME holds the checkpoint as it was found.
+    aside = list((workdir / "checkpoints.corrupt").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith(f"{NUM_STEPS}-") and (aside[0] / "state").is_dir()
     assert_same_ticket(workdir, reference)
 
 

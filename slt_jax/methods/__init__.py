@@ -5,7 +5,7 @@ leaf is not gated, and knows neither the model nor the data. Any training loop, 
 (``slt_jax.step.make_train_step``) or a researcher's own, calls, per step::
 
     masks   = method.train_masks(gates, key, step)        # differentiable w.r.t. gates
-    logits  = apply_fn(apply_masks(frozen, masks), x)
+    logits  = apply_fn(method.masked_params(frozen, masks), x)   # mostly apply_masks(frozen, masks)
     loss    = CE(logits, y) + penalty,  penalty, aux = method.penalty(gates, state, step)
     gates   <- optax update of grad(loss) w.r.t. gates
     state   = method.update_state(state, aux)              # e.g. the multiplier lambda
@@ -14,7 +14,7 @@ and for every evaluation and the final ticket ``method.binary_masks(gates)`` (bo
 Skipping ``penalty`` or ``update_state`` silently drops CRBG's sparsity target.
 
 Each method's dataclass defaults are the recipe ``run.py`` uses: ``configs/default.py`` reads
-its sub-config (``crbg``, ``edgepopup``, ``supermask``) and the learning rate from these classes.
+its sub-config (``crbg``, ``edgepopup``, ``supermask``, ``biprop``) and the learning rate from these classes.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import jax
 import optax
 
+from slt_jax.methods.biprop import Biprop
 from slt_jax.methods.crbg import CRBG
 from slt_jax.methods.edgepopup import EdgePopup
 from slt_jax.methods.supermask import Supermask
@@ -54,6 +55,10 @@ class Method(Protocol):
     def update_state(self, state: dict[str, Array], aux: dict[str, Array]) -> dict[str, Array]:
         """The state after one step, from the ``aux`` that ``penalty`` returned."""
 
+    def masked_params(self, params: Any, masks: GateTree) -> Any:
+        """The params the network computes with under ``masks``: ``apply_masks(params, masks)``, or
+        for biprop the kept weights binarised (``slt_jax.frozen.binarized_weights``)."""
+
     def binary_masks(self, gates: GateTree) -> GateTree:
         """The ticket: bool masks shaped like ``gates``."""
 
@@ -61,7 +66,7 @@ class Method(Protocol):
         """The recipe's optimiser for the gates (any Optax optimiser may be used instead)."""
 
 
-METHODS: dict[str, type] = {"crbg": CRBG, "edgepopup": EdgePopup, "supermask": Supermask}
+METHODS: dict[str, type] = {"crbg": CRBG, "edgepopup": EdgePopup, "supermask": Supermask, "biprop": Biprop}
 # Fields the harness sets itself; the rest of each dataclass's fields are its config sub-dict.
 _HARNESS_FIELDS = ("num_steps", "sparsity", "learning_rate", "lr_schedule", "warmup_steps", "weights_per_gate", "name")
 
@@ -90,4 +95,4 @@ def create_method(config: Any, *, num_steps: int, warmup_steps: int = 0, weights
     return cls(num_steps=num_steps, sparsity=config.sparsity, warmup_steps=warmup_steps, **kwargs)
 
 
-__all__ = ["CRBG", "EdgePopup", "METHODS", "Method", "Supermask", "create_method", "method_hyperparameters"]
+__all__ = ["Biprop", "CRBG", "EdgePopup", "METHODS", "Method", "Supermask", "create_method", "method_hyperparameters"]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slt_jax.masking import named_leaves, path_name
+from slt_jax import masking
 from slt_jax.methods.schedules import learning_rate_schedule
 
 Array = jax.Array
@@ -64,7 +64,7 @@ def top_k_masks(scores: GateTree, density: float, scope: str = "layer") -> GateT
 
 def _score_bounds(shapes: Any) -> dict[str, float]:
     """1/sqrt(fan_in) per gated leaf; a 1-D leaf takes its sibling kernel's fan-in, else its length."""
-    named = {name: tuple(s.shape) for name, s in named_leaves(shapes).items()}
+    named = {name: tuple(s.shape) for name, s in masking.named_leaves(shapes).items()}
 
     def fan_in(name, shape):
         if len(shape) >= 2:
@@ -100,7 +100,7 @@ class EdgePopup:
         index = {name: i for i, name in enumerate(bounds)}  # leaf i draws from fold_in(key, i)
 
         def init_leaf(path, s):
-            name = path_name(path)
+            name = masking.path_name(path)
             return jax.random.uniform(jax.random.fold_in(key, index[name]), s.shape, minval=-bounds[name],
                                       maxval=bounds[name])
 
@@ -126,6 +126,10 @@ class EdgePopup:
     def update_state(self, state: dict[str, Array], aux: dict[str, Array]) -> dict[str, Array]:
         """Unchanged (no state)."""
         return state
+
+    def masked_params(self, params: Any, masks: GateTree) -> Any:
+        """``params`` times ``masks`` on gated leaves (``slt_jax.masking.apply_masks``)."""
+        return masking.apply_masks(params, masks)
 
     def binary_masks(self, gates: GateTree) -> GateTree:
         """The ticket: the same top-k as the forward pass (bool, shaped like ``gates``)."""

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from slt_jax import gates as gates_lib
+from slt_jax import masking
 from slt_jax import threefry
 from slt_jax.methods.multiplier import init_multiplier, update_multiplier
 from slt_jax.methods.schedules import learning_rate_schedule
@@ -89,6 +90,10 @@ class Supermask:
         if self.sparsity_control == "none":
             return state
         return update_multiplier(state, aux["binary_density"] - (1.0 - self.sparsity), self.dual_lr, self.dual_kp)
+
+    def masked_params(self, params: Any, masks: GateTree) -> Any:
+        """``params`` times ``masks`` on gated leaves (``slt_jax.masking.apply_masks``)."""
+        return masking.apply_masks(params, masks)
 
     def binary_masks(self, gates: GateTree) -> GateTree:
         """The ticket: keep a weight iff sigmoid(s) > 1/2, i.e. s > 0."""
