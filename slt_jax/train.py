@@ -35,7 +35,7 @@ from slt_jax.gates import gate_count
 from slt_jax.methods import Biprop, create_method
 from slt_jax.models import create_model
 from slt_jax.plots import write_run_plots
-from slt_jax.run_config import ConfigError, fingerprint, model_spec, validate_config
+from slt_jax.run_config import ConfigError, check_model_fits, fingerprint, model_spec, validate_config
 from slt_jax.step import TrainState, classification_loss, make_eval_fn, make_train_step, ticket_params
 from slt_jax.ticket import BINARIZED, ZOO_INIT_KWARGS, save_ticket, ticket_size
 
@@ -102,7 +102,7 @@ class Run:
         self.spec = model_spec(config, self.dataset.num_classes)
         self.model = create_model(self.spec)
         input_shape = self.dataset.input_shape
-        from slt_jax.run_config import check_model_fits  # pooling that empties the images, a width with no units
+        # Pooling that empties the images, or a width that leaves a layer no units: refused here.
         check_model_fits(self.model, self.spec, input_shape, ZOO_INIT_KWARGS)
         variables = frozen_lib.init_variables(self.model, input_shape, config.seed, ZOO_INIT_KWARGS)
         params = variables.pop("params")
