@@ -28,3 +28,37 @@ def tiny_config():
     c.progress = False
     c.plots = False
     return c
+
+
+def run_default_cli(tmp_path, *args: str) -> dict:
+    """``python run.py ARGS`` on the embedded default (one device, no progress bar or plots) into
+    ``tmp_path``; asserts exit 0 and returns the summary it printed as its last line."""
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "run.py", *args, "--config.progress=False", "--config.plots=False",
+                        "--config.num_devices=1", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def verify_on_digits_test_split(ticket_dir, tmp_path) -> dict:
+    """The independent ../shared/tools/verify_ticket.py on the held-out digits the default config's
+    runs report as their test split; returns its JSON line."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from slt_jax.data import load_dataset
+
+    data = load_dataset(default.get_config())
+    np.savez(tmp_path / "test.npz", x_test=data.x_test, y_test=data.y_test)
+    v = subprocess.run([sys.executable, os.path.join(ROOT, "..", "shared", "tools", "verify_ticket.py"),
+                        str(ticket_dir), str(tmp_path / "test.npz")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert v.returncode == 0, v.stderr[-2000:]
+    return json.loads(v.stdout.strip().splitlines()[-1])

@@ -1,18 +1,15 @@
 """biprop: edge-popup's masks over binarised weights sign(w0) * alpha, alpha the kept weights' mean
 magnitude per leaf; a ticket whose frozen_params() are those weights, accepted by the verifier."""
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from slt_jax import load_ticket, masking
 from slt_jax.frozen import binarized_weights
 from slt_jax.methods import Biprop
 
-from conftest import ROOT
+from conftest import run_default_cli, verify_on_digits_test_split
 
 PARAMS = {"Dense_0": {"kernel": jnp.array([[0.5, -2.0], [1.0, -0.25]]), "bias": jnp.array([0.3, -0.3])}}
 MASKS = {"Dense_0": {"kernel": jnp.array([[True, False], [True, True]]), "bias": None}}
@@ -41,24 +38,11 @@ def test_masked_params_drop_the_pruned_weights_and_scores_get_gradient_through_a
 
 
 def test_run_py_biprop_ticket_is_accepted_by_the_verifier(tmp_path):
-    p = subprocess.run([sys.executable, "run.py", "--config.method=biprop", "--config.sparsity=0.8",
-                        "--config.progress=False", "--config.plots=False", "--config.num_devices=1",
-                        "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    summary = run_default_cli(tmp_path, "--config.method=biprop", "--config.sparsity=0.8")
     assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3) and summary["test_accuracy"] >= 0.9, summary
-    from configs import default
-    from slt_jax import load_ticket
-    from slt_jax.data import load_dataset
-
     ticket = load_ticket(str(tmp_path / "ticket"))
     assert ticket.meta["weights"] == "binarized"
-    for w in jax.tree.leaves(jax.tree.map(lambda f, m: np.unique(np.abs(f)), ticket.frozen_params(), ticket.mask)):
-        assert w.size == 1  # one magnitude per gated leaf: signs times a gain
-    data = load_dataset(default.get_config())
-    np.savez(tmp_path / "test.npz", x_test=data.x_test, y_test=data.y_test)
-    v = subprocess.run([sys.executable, f"{ROOT}/../shared/tools/verify_ticket.py", str(tmp_path / "ticket"),
-                        str(tmp_path / "test.npz")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert v.returncode == 0, v.stderr[-2000:]
-    verified = json.loads(v.stdout.strip().splitlines()[-1])
+    for name, w in masking.named_leaves(ticket.frozen_params()).items():
+        assert np.unique(np.abs(w)).size == 1, name  # one magnitude per gated leaf: signs times a gain
+    verified = verify_on_digits_test_split(tmp_path / "ticket", tmp_path)
     assert verified["accuracy"] == pytest.approx(summary["test_accuracy"])

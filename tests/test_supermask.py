@@ -1,10 +1,6 @@
 """Supermask: Bernoulli samples with a straight-through gradient to sigmoid(s), the deterministic
 ticket s > 0, the multiplier that holds a requested sparsity, and a run.py ticket the independent
 verifier accepts."""
-import json
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +8,7 @@ import pytest
 
 from slt_jax.methods import Supermask
 
-from conftest import ROOT
+from conftest import run_default_cli, verify_on_digits_test_split
 
 SCORES = {"a": {"kernel": jnp.linspace(-3.0, 3.0, 13)}, "b": None}
 
@@ -53,21 +49,8 @@ def test_penalty_is_zero_without_sparsity_control_and_lambda_weighted_with_it():
 
 
 def test_run_py_supermask_lands_on_its_target_and_the_verifier_accepts_the_ticket(tmp_path):
-    p = subprocess.run([sys.executable, "run.py", "--config.method=supermask", "--config.sparsity=0.8",
-                        "--config.progress=False", "--config.plots=False", "--config.num_devices=1",
-                        "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    summary = run_default_cli(tmp_path, "--config.method=supermask", "--config.sparsity=0.8")
     assert summary["sparsity"] >= 0.79 and summary["test_accuracy"] >= 0.9, summary
-    # The independent verifier, on the held-out digits the run reported as its test split.
-    from configs import default
-    from slt_jax.data import load_dataset
-
-    data = load_dataset(default.get_config())
-    np.savez(tmp_path / "test.npz", x_test=data.x_test, y_test=data.y_test)
-    v = subprocess.run([sys.executable, f"{ROOT}/../shared/tools/verify_ticket.py", str(tmp_path / "ticket"),
-                        str(tmp_path / "test.npz")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert v.returncode == 0, v.stderr[-2000:]
-    verified = json.loads(v.stdout.strip().splitlines()[-1])
+    verified = verify_on_digits_test_split(tmp_path / "ticket", tmp_path)
     assert verified["accuracy"] == pytest.approx(summary["test_accuracy"])
     assert verified["sparsity"] == pytest.approx(summary["sparsity"])
