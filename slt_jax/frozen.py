@@ -146,3 +146,8 @@ def binarized_weights(params: Any, masks: Any) -> Any:
         return jnp.sign(w) * alpha
 
     return jax.tree.map(binarize, params, per_leaf)
+
+
+# How a ticket's weights derive from the frozen network and its mask, by the name ``ticket.json``
+# records under "weights" (a method's ``ticket_weights``); no name: the frozen weights themselves.
+MASKED_WEIGHTS = {"binarized": binarized_weights}

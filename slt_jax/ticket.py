@@ -47,7 +47,7 @@ import numpy as np
 
 from slt_jax import mask_coding, masking
 from slt_jax.data.arrays import preprocess
-from slt_jax.frozen import binarized_weights, init_variables, load_params_file, round_frozen, weights_key
+from slt_jax.frozen import MASKED_WEIGHTS, init_variables, load_params_file, round_frozen, weights_key
 from slt_jax.models import create_model
 
 # 2: ticket.json records ``mask_integrity`` (each gated leaf's shape, kept count and sha256, the
@@ -57,9 +57,6 @@ FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 # The zoo's models take ``train``; a ticket of another model records its own init arguments.
 ZOO_INIT_KWARGS = {"train": False}
-# ticket.json "weights": absent for the seed's (or the params file's) weights themselves;
-# BINARIZED for biprop's sign(w0) * alpha(mask) (slt_jax.frozen.binarized_weights).
-BINARIZED = "binarized"
 
 
 MASK_CODINGS = ("packbits", "golomb")
@@ -403,8 +400,12 @@ class Ticket:
         if source:
             params = load_params_file(self._frozen_from or source["path"], params, source["sha256"])
         params = round_frozen(params, self.meta.get("frozen_dtype", "float32"))
-        if self.meta.get("weights") == BINARIZED:  # biprop: the kept weights' signs times their mean magnitude
-            params = binarized_weights(params, self.gate_masks)
+        name = self.meta.get("weights")
+        if name is not None:  # e.g. biprop: the kept weights' signs times their mean magnitude, from the mask
+            if name not in MASKED_WEIGHTS:
+                raise TicketError(f"ticket.json: weights={name!r}; allowed: {', '.join(sorted(MASKED_WEIGHTS))} "
+                                  "or none")
+            params = MASKED_WEIGHTS[name](params, self.gate_masks)
         return jax.device_get(params)
 
     def frozen_params(self) -> Any:

@@ -32,12 +32,12 @@ from slt_jax.checkpoint import (CheckpointMismatch, Checkpointer, PreemptionFlag
                                 os_error)
 from slt_jax.data import DataError, load_dataset
 from slt_jax.gates import gate_count
-from slt_jax.methods import Biprop, create_method
+from slt_jax.methods import create_method
 from slt_jax.models import create_model
 from slt_jax.plots import write_run_plots
 from slt_jax.run_config import ConfigError, check_model_fits, fingerprint, model_spec, validate_config
 from slt_jax.step import TrainState, classification_loss, make_eval_fn, make_train_step, ticket_params
-from slt_jax.ticket import BINARIZED, ZOO_INIT_KWARGS, save_ticket, ticket_size
+from slt_jax.ticket import ZOO_INIT_KWARGS, save_ticket, ticket_size
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,8 @@ class Run:
                 "structured_policy": cfg.structured_policy, "method": cfg.method,
                 "frozen_dtype": cfg.frozen_dtype,  # the ticket is defined on weights rounded to it
                 "dataset": cfg.dataset, "preprocessing": self.dataset.preprocessing}
-        if isinstance(self.method, Biprop):  # the ticket computes with sign(w0) * alpha(mask)
-            meta["weights"] = BINARIZED
+        if self.method.ticket_weights:  # e.g. biprop's sign(w0) * alpha(mask), replayed by the ticket
+            meta["weights"] = self.method.ticket_weights
         if cfg.frozen_from:
             meta["frozen_from"] = {"path": os.path.abspath(cfg.frozen_from), "sha256": self.frozen_sha256}
         return meta

@@ -19,7 +19,7 @@ its sub-config (``crbg``, ``edgepopup``, ``supermask``, ``biprop``) and the lear
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import optax
@@ -39,6 +39,9 @@ class Method(Protocol):
     name: str
     num_steps: int
     sparsity: float
+    # None: the network computes with the frozen weights; else a name in slt_jax.frozen.MASKED_WEIGHTS,
+    # which the ticket records so that frozen_params() replays it (biprop: "binarized").
+    ticket_weights: ClassVar[str | None]
 
     def init(self, key: Array, shapes: Any) -> GateTree:
         """Initial gate parameters for the template ``slt_jax.masking.gate_shapes`` returns."""

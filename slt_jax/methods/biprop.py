@@ -16,7 +16,7 @@ ticket uses is exactly its frozen value or 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from slt_jax import masking
 from slt_jax.frozen import binarized_weights
@@ -30,6 +30,7 @@ class Biprop(EdgePopup):
     """Edge-popup's scores and top-k over binarised weights; see the module docstring."""
 
     name: str = "biprop"
+    ticket_weights: ClassVar[str | None] = "binarized"  # slt_jax.frozen.MASKED_WEIGHTS: the ticket replays it
 
     def masked_params(self, params: Any, masks: GateTree) -> Any:
         """``m * sign(w0) * alpha`` on gated leaves, alpha the kept weights' mean magnitude."""

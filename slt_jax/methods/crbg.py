@@ -29,7 +29,7 @@ Only the gate parameters are optimised, by Adam. The defaults are the recipe ``r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +69,7 @@ class CRBG:
     warmup_steps: int = 0
     weights_per_gate: Any = dataclasses.field(default=None, compare=False)
     name: str = "crbg"
+    ticket_weights: ClassVar[str | None] = None  # the ticket computes with the frozen weights themselves
 
     def __post_init__(self):
         gates_lib.get_family(self.family)

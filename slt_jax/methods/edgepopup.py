@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,7 @@ class EdgePopup:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     name: str = "edgepopup"
+    ticket_weights: ClassVar[str | None] = None  # the ticket computes with the frozen weights themselves
 
     def __post_init__(self):
         if self.scope not in SCOPES:

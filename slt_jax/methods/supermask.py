@@ -18,7 +18,7 @@ for CRBG) adds lambda * (mean p - d_target) to the loss, lambda being the PI mul
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,7 @@ class Supermask:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     name: str = "supermask"
+    ticket_weights: ClassVar[str | None] = None  # the ticket computes with the frozen weights themselves
 
     def __post_init__(self):
         if self.sparsity_control not in SPARSITY_CONTROLS:
