@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices, set before JAX is imported anywhere."""
 import os
+import time
 
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
@@ -62,3 +63,21 @@ def verify_on_digits_test_split(ticket_dir, tmp_path) -> dict:
                        timeout=300)
     assert v.returncode == 0, v.stderr[-2000:]
     return json.loads(v.stdout.strip().splitlines()[-1])
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """The committed checkpoint steps in WORKDIR/checkpoints, ascending."""
+    d = workdir / "checkpoints"
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if d.exists() else []
+
+
+def wait_for_checkpoint(proc, workdir, after: int) -> int:
+    """Blocks until ``proc`` has committed a checkpoint newer than ``after``; returns its step."""
+    deadline = time.time() + 300  # generous: the machine is shared; a run takes seconds
+    while time.time() < deadline:
+        newer = [s for s in checkpoint_steps(workdir) if s > after]
+        if newer:
+            return newer[-1]
+        assert proc.poll() is None, f"run exited ({proc.returncode}) before a checkpoint: {proc.stderr.read()}"
+        time.sleep(0.02)
+    raise TimeoutError("no checkpoint appeared")

@@ -3,7 +3,6 @@ checkpoints, and driven to divergence. Every interrupted run must end with the t
 one uninterrupted reference run, and the same metrics.
 """
 import json
-import os
 import random
 import shutil
 import signal
@@ -16,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, checkpoint_steps, wait_for_checkpoint
 
 NUM_STEPS, EVERY = 160, 20
 ARGS = [f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={EVERY}", "--config.num_epochs=0",
@@ -38,21 +37,6 @@ def finish(workdir, *extra) -> subprocess.CompletedProcess:
     return subprocess.run(_command(workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def checkpoint_steps(workdir) -> list[int]:
-    d = workdir / "checkpoints"
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if d.exists() else []
-
-
-def wait_for_checkpoint(proc: subprocess.Popen, workdir, after: int) -> int:
-    """Blocks until ``proc`` has committed a checkpoint newer than ``after``; returns its step."""
-    deadline = time.time() + TIMEOUT
-    while time.time() < deadline:
-        newer = [s for s in checkpoint_steps(workdir) if s > after]
-        if newer:
-            return newer[-1]
-        assert proc.poll() is None, f"run exited ({proc.returncode}) before a checkpoint: {proc.stderr.read()}"
-        time.sleep(0.02)
-    raise TimeoutError("no checkpoint appeared")
 
 
 def mask_bits(workdir) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ from configs import default
 from slt_jax.checkpoint import StorageError
 from slt_jax.train import train_and_evaluate
 
-from conftest import ROOT
+from conftest import ROOT, checkpoint_steps, wait_for_checkpoint
 
 NUM_STEPS, EVERY = 40, 20
 ARGS = [f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={EVERY}", "--config.num_epochs=0",
@@ -58,20 +58,6 @@ def _finish(command) -> tuple[int, str, str]:
     return p.returncode, p.stdout, p.stderr
 
 
-def _steps(workdir) -> list[int]:
-    d = workdir / "checkpoints"
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if d.exists() else []
-
-
-def _wait_for_checkpoint(proc, workdir, after: int) -> int:
-    deadline = time.time() + TIMEOUT
-    while time.time() < deadline:
-        newer = [s for s in _steps(workdir) if s > after]
-        if newer:
-            return newer[-1]
-        assert proc.poll() is None, f"run exited ({proc.returncode}) before a checkpoint: {proc.stderr.read()}"
-        time.sleep(0.02)
-    raise TimeoutError("no checkpoint appeared")
 
 
 def _catches(pid: int, signum: int) -> bool:
@@ -169,9 +155,9 @@ def _busy_workdir_sigint_then_sigterm_in_final_phase(d):
         a.send_signal(signal.SIGINT)
         a_out, a_err = a.communicate(timeout=TIMEOUT)
         out["a"] = (a.returncode, a_out, a_err)
-        out["pid"], out["interrupted_at"] = a.pid, _steps(workdir)[-1]
+        out["pid"], out["interrupted_at"] = a.pid, checkpoint_steps(workdir)[-1]
         a = _start(workdir, "--config.plots=True")
-        while _wait_for_checkpoint(a, workdir, after=out["interrupted_at"]) != NUM_STEPS:
+        while wait_for_checkpoint(a, workdir, after=out["interrupted_at"]) != NUM_STEPS:
             time.sleep(0.01)
         a.send_signal(signal.SIGTERM)
         a_out, a_err = a.communicate(timeout=TIMEOUT)
@@ -208,7 +194,7 @@ def _file_size_limit(d, reference):
              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({FILE_SIZE_LIMIT}, {FILE_SIZE_LIMIT})); "
              "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
     limited = _finish([sys.executable, "-c", limit, *_command(workdir)[1:]])
-    kept = _steps(workdir)
+    kept = checkpoint_steps(workdir)
     return {"limited": limited, "kept": kept, "rerun": _finish(_command(workdir)), "workdir": workdir}
 
 
@@ -341,7 +327,7 @@ def test_sigterm_during_startup_exits_cleanly_with_one_line(cli):
     assert code == 0, err
     line = _one_line(err, "preempted: SIGTERM during start-up")
     assert "run the same command" in line, line
-    assert not out.strip() and not _steps(workdir) and not (workdir / "metrics.jsonl").exists()
+    assert not out.strip() and not checkpoint_steps(workdir) and not (workdir / "metrics.jsonl").exists()
 
 
 def test_file_size_limit_gives_one_line_naming_the_path_and_what_was_kept(cli, reference):
