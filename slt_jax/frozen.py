@@ -36,12 +36,45 @@ def weights_key(seed: int) -> jax.Array:
     return jax.random.key(seed, impl="threefry2x32")
 
 
-def init_variables(model: Any, input_shape: tuple[int, ...], seed: int,
-                   init_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model's initial variables from the seed (jitted), as host arrays in plain dicts."""
+def generation_key(seed: int, generation: int = 0) -> jax.Array:
+    """The key of the weights' ``generation``: 0 is the seed's own network (``weights_key(seed)``),
+    j >= 1 the j-th re-draw of it (IteRand), ``fold_in(weights_key(seed), j)``."""
+    return weights_key(seed) if generation == 0 else jax.random.fold_in(weights_key(seed), generation)
+
+
+def init_fn(model: Any, input_shape: tuple[int, ...], init_kwargs: dict[str, Any] | None = None) -> Callable:
+    """The jitted ``key -> model.init(key, zeros((1, *input_shape)), **init_kwargs)``: the one function
+    every run and ticket draws its weights with (a jitted init, so they agree bit for bit)."""
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
-    init = jax.jit(lambda key: model.init(key, dummy, **(init_kwargs or {})))
-    return _plain(jax.device_get(init(weights_key(seed))))
+    return jax.jit(lambda key: model.init(key, dummy, **(init_kwargs or {})))
+
+
+def init_variables(model: Any, input_shape: tuple[int, ...], seed: int, init_kwargs: dict[str, Any] | None = None,
+                   generation: int = 0) -> dict[str, Any]:
+    """The model's initial variables from the seed (of ``generation``, see ``generation_key``), as
+    host arrays in plain dicts."""
+    return _plain(jax.device_get(init_fn(model, input_shape, init_kwargs)(generation_key(seed, generation))))
+
+
+def params_by_generation(model: Any, input_shape: tuple[int, ...], seed: int,
+                         init_kwargs: dict[str, Any] | None = None, frozen_dtype: str = "float32") -> Callable[[int], Any]:
+    """``g ->`` the params of generation g (``generation_key``), rounded to ``frozen_dtype``; one
+    compiled init serves every generation."""
+    init = init_fn(model, input_shape, init_kwargs)
+    return lambda g: round_frozen(_plain(jax.device_get(init(generation_key(seed, g))))["params"], frozen_dtype)
+
+
+def redrawn_weights(draw: Callable[[int], Any], generation: Any) -> Any:
+    """The weights of a network whose gated weights were re-drawn (IteRand): each takes its value in
+    ``draw(g)``, the params of generation g, where ``generation`` (int arrays shaped like the gated
+    leaves, None elsewhere) says g; ungated leaves are ``draw(0)``'s. Host arrays."""
+    params = jax.device_get(draw(0))
+    present = sorted({int(v) for g in jax.tree.leaves(generation) for v in np.unique(np.asarray(g))} - {0})
+    for j in present:
+        candidate = jax.device_get(draw(j))
+        params = jax.tree.map(lambda g, w, c: w if g is None else np.where(np.asarray(g) == j, c, w),
+                              generation, params, candidate, is_leaf=lambda x: x is None)
+    return params
 
 
 def _plain(tree: Any) -> Any:

@@ -148,6 +148,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.num_steps == 0 and config.num_epochs <= 0:
         raise ConfigError(f"num_steps={config.num_steps}, num_epochs={config.num_epochs}; allowed: num_steps > 0, "
                           "or num_steps = 0 and num_epochs > 0")
+    if hasattr(METHODS[config.method], "redraw") and (config.structured or config.regenerate_frozen or config.frozen_from):
+        raise ConfigError(f"method={config.method} re-draws pruned weights from the seed (structured="
+                          f"{config.structured}, regenerate_frozen={config.regenerate_frozen}, frozen_from="
+                          f"{config.frozen_from!r}); allowed: structured=False, regenerate_frozen=False, frozen_from=''")
     if config.frozen_from and config.regenerate_frozen:
         raise ConfigError("regenerate_frozen=True with frozen_from; allowed: one of them (a params file cannot "
                           "be regenerated from a seed)")

@@ -33,7 +33,8 @@ class TrainState:
       step: int32 scalar, steps taken.
       gates: the method's gate tree, shaped like the params (None where not gated).
       opt_state: the optimiser's state for ``gates``.
-      method_state: the method's own state (CRBG: the multiplier ``lambda`` and its integral).
+      method_state: the method's own state (CRBG: the multiplier ``lambda`` and its integral; IteRand:
+        each weight's generation).
       model_state: the model's non-parameter collections (e.g. ``batch_stats``), updated in training.
       rng: the training-noise key; step t draws from ``fold_in(rng, t)``. Raw key data
         (``jax.random.PRNGKey``) can be checkpointed by Orbax; typed keys work in the step too.
@@ -51,8 +52,8 @@ class TrainState:
     @classmethod
     def create(cls, method: Any, tx: optax.GradientTransformation, gates: Any, rng: Array,
                model_state: dict[str, Any] | None = None) -> "TrainState":
-        """Step 0: ``tx.init(gates)``, ``method.init_state()``."""
-        return cls(step=jnp.int32(0), gates=gates, opt_state=tx.init(gates), method_state=method.init_state(),
+        """Step 0: ``tx.init(gates)``, ``method.init_state(gates)``."""
+        return cls(step=jnp.int32(0), gates=gates, opt_state=tx.init(gates), method_state=method.init_state(gates),
                    model_state=dict(model_state or {}), rng=rng, finite=jnp.bool_(True))
 
 

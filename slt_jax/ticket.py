@@ -7,13 +7,17 @@ A ticket directory holds
 * ``mask.npz``: for each gated leaf, keyed by the leaf's path name, its shape and its binary
   gates, one bit per gate (``np.packbits``) or Golomb-coded (``slt_jax.mask_coding``; about
   half a bit per gate at 90% sparsity);
-* ``state.npz``, only for models with running statistics (BatchNorm): those statistics.
+* ``state.npz``, only for models with running statistics (BatchNorm): those statistics;
+* ``redraws.npz``, only for methods that re-draw weights (IteRand): per gated leaf, each kept
+  weight's generation (uint8/uint16; 0 = the seed's own weight, j = its j-th re-draw; 0 for
+  pruned weights, whose values the ticket never uses).
 
 ``ticket.json`` (format 2) also records ``mask_integrity``: per gated leaf its shape, kept gates
 and the sha256 of its packed bits (``np.packbits`` of the flattened mask, whatever the coding),
 the sha256 of all leaves' packed bits in name order, the gate count, and the gated-weight count
 and sparsity (as ``verify_ticket.py`` counts them; also written to ``size.gated_weights`` and
-``metrics.sparsity``), plus ``state_sha256`` when there is a ``state.npz``. ``load_ticket``
+``metrics.sparsity``), plus ``state_sha256`` when there is a ``state.npz`` and ``redraws_sha256``
+when there is a ``redraws.npz``. ``load_ticket``
 refuses a ticket that disagrees with it, or that is damaged in any other way, with a one-line
 ``TicketError`` (a ``ValueError``) naming the file and leaf. Format-1 tickets (written before
 ``mask_integrity`` existed) still load, with every check but those against the record.
@@ -21,7 +25,8 @@ refuses a ticket that disagrees with it, or that is damaged in any other way, wi
 No float weights are stored: ``frozen_params()`` regenerates them from the seed, bit-exact (or
 reads the params file the run started from, checking its sha256; a biprop ticket, recorded as
 ``"weights": "binarized"``, then takes sign(w0) times the kept weights' mean magnitude per leaf, a
-function of the seed and the mask), and ``masked_params()`` is exactly ``where(mask, frozen, 0)``
+function of the seed and the mask; an IteRand ticket's kept weights come from their
+generation's draw, ``slt_jax.frozen.redrawn_weights``), and ``masked_params()`` is exactly ``where(mask, frozen, 0)``
 on gated leaves. ``ticket.json`` needs ``seed`` and
 ``input_shape``; ``model`` (a zoo spec) lets a ticket reload alone, any other Flax module is
 passed to ``load_ticket(path, model=...)``. This module needs the models, ``slt_jax.masking`` and
@@ -47,7 +52,8 @@ import numpy as np
 
 from slt_jax import mask_coding, masking
 from slt_jax.data.arrays import preprocess
-from slt_jax.frozen import MASKED_WEIGHTS, init_variables, load_params_file, round_frozen, weights_key
+from slt_jax.frozen import (MASKED_WEIGHTS, init_variables, load_params_file, params_by_generation, redrawn_weights,
+                             round_frozen, weights_key)
 from slt_jax.models import create_model
 
 # 2: ticket.json records ``mask_integrity`` (each gated leaf's shape, kept count and sha256, the
@@ -177,6 +183,15 @@ def _state_sha256(flat: dict[str, np.ndarray]) -> str:
         a = np.ascontiguousarray(flat[name])
         h.update(f"{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode())
         h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _redraws_sha256(flat: dict[str, np.ndarray]) -> str:
+    """sha256 of the generations: each leaf's name and values as uint16, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        h.update(f"{name}\0".encode())
+        h.update(np.ascontiguousarray(flat[name], np.uint16).tobytes())
     return h.hexdigest()
 
 
@@ -315,7 +330,7 @@ def _make_tmp_dir(parent: str) -> str:
 
 
 def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[str, Any] | None = None,
-                coding: str = "packbits", model: Any = None) -> None:
+                coding: str = "packbits", model: Any = None, generation: Any = None) -> None:
     """Writes a ticket directory atomically: a crash mid-write leaves any previous ticket intact.
 
     ``masks``: the binary gate masks, shaped like the params (``method.binary_masks(gates)``).
@@ -323,7 +338,9 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
     zoo model adds ``model`` (its spec), any other module its ``init_kwargs`` if it needs some.
     Optional: ``frozen_dtype``, ``frozen_from`` ({"path", "sha256"}), ``preprocessing``, ``metrics``.
     ``model``: the Flax module of a ticket outside the zoo; with it, a structured mask's gated
-    weights are counted (without it only an unstructured mask's are).
+    weights are counted (without it only an unstructured mask's are). ``generation``: for a method
+    that re-draws weights (IteRand), each gated weight's generation (ints shaped like ``masks``);
+    the kept weights' are stored in ``redraws.npz`` and replayed by ``frozen_params()``.
 
     ticket.json also records ``mask_integrity`` (each gated leaf's shape, kept gates and sha256, the
     whole mask's sha256, gates, gated weights and sparsity), and ``size.gated_weights`` and
@@ -350,6 +367,10 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
             flat = {k: np.asarray(v) for k, v in masking.named_leaves(model_state).items()}
             np.savez(os.path.join(tmp, "state.npz"), **flat)
             record["state_sha256"] = _state_sha256(flat)
+        if generation is not None:
+            kept = _kept_generations(named, generation)
+            np.savez_compressed(os.path.join(tmp, "redraws.npz"), **kept)
+            record["redraws_sha256"] = _redraws_sha256(kept)
         with open(os.path.join(tmp, "ticket.json"), "w") as f:
             json.dump({**meta, "format_version": FORMAT_VERSION, "mask_coding": coding, "mask_integrity": record},
                       f, indent=2, sort_keys=True)
@@ -365,6 +386,18 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _kept_generations(named_masks: dict[str, np.ndarray], generation: Any) -> dict[str, np.ndarray]:
+    """Each gated leaf's generations where its mask keeps the weight, 0 elsewhere, in the smallest
+    unsigned dtype that holds them."""
+    out = {}
+    for name, g in masking.named_leaves(generation).items():
+        g = np.where(named_masks[name], np.asarray(g), 0)
+        if g.min(initial=0) < 0 or g.max(initial=0) > np.iinfo(np.uint16).max:
+            raise ValueError(f"generation of {name!r} outside [0, 65535]")
+        out[name] = g.astype(np.uint8 if g.max(initial=0) <= np.iinfo(np.uint8).max else np.uint16)
+    return out
+
+
 def _unflatten_like(template: Any, flat: dict[str, np.ndarray]) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: flat[masking.path_name(p)], template)
 
@@ -376,12 +409,13 @@ class Ticket:
     unit's bias included); both are params-shaped, with None for leaves that are not gated."""
 
     def __init__(self, meta: dict[str, Any], gate_masks: dict[str, np.ndarray], state: dict[str, np.ndarray] | None,
-                 model: Any, frozen_from: str | None = None):
+                 model: Any, frozen_from: str | None = None, generations: dict[str, np.ndarray] | None = None):
         self.meta = meta
         self.model = model
         self._named_gates = gate_masks
         self._flat_state = state
         self._frozen_from = frozen_from
+        self._generations = generations
 
     @functools.cached_property
     def _variables(self) -> dict[str, Any]:
@@ -399,7 +433,15 @@ class Ticket:
         source = self.meta.get("frozen_from")
         if source:
             params = load_params_file(self._frozen_from or source["path"], params, source["sha256"])
-        params = round_frozen(params, self.meta.get("frozen_dtype", "float32"))
+        frozen_dtype = self.meta.get("frozen_dtype", "float32")
+        params = round_frozen(params, frozen_dtype)
+        if self._generations is not None:  # IteRand: each kept weight from its generation's draw
+            init_kwargs = self.meta.get("init_kwargs", ZOO_INIT_KWARGS if "model" in self.meta else {})
+            draw = params_by_generation(self.model, tuple(self.meta["input_shape"]), self.meta["seed"], init_kwargs,
+                                        frozen_dtype)
+            generation = jax.tree_util.tree_map_with_path(
+                lambda p, _: self._generations.get(masking.path_name(p)), params)
+            params = redrawn_weights(lambda g: params if g == 0 else draw(g), generation)
         name = self.meta.get("weights")
         if name is not None:  # e.g. biprop: the kept weights' signs times their mean magnitude, from the mask
             if name not in MASKED_WEIGHTS:
@@ -410,7 +452,8 @@ class Ticket:
 
     def frozen_params(self) -> Any:
         """The network's initial weights: regenerated from the seed (or read from the recorded params
-        file, sha256-checked) and rounded to the run's frozen_dtype."""
+        file, sha256-checked) and rounded to the run's frozen_dtype; an IteRand ticket's kept weights
+        from their generations' draws."""
         return self._frozen
 
     @functools.cached_property
@@ -588,6 +631,25 @@ def _check_state(path: str, state: dict[str, np.ndarray], template: dict[str, An
                           "the file is damaged")
 
 
+def _check_redraws(path: str, generations: dict[str, np.ndarray], masks: dict[str, np.ndarray],
+                   meta: dict[str, Any]) -> None:
+    """``redraws.npz`` holds an unsigned generation per weight of gated leaves only, shaped like their
+    masks, 0 where the mask prunes, and (where recorded) the values saved."""
+    where = os.path.join(path, "redraws.npz")
+    for name, g in generations.items():
+        if name not in masks:
+            raise TicketError(f"{where} names {name!r}, which is not a gated leaf of mask.npz")
+        if g.dtype not in (np.uint8, np.uint16) or g.shape != masks[name].shape:
+            raise TicketError(f"{where}: {name!r} is {g.dtype} {list(g.shape)}; allowed: uint8 or uint16 shaped like "
+                              f"its mask {list(masks[name].shape)}")
+        if np.any(g[~masks[name]]):
+            raise TicketError(f"{where}: {name!r} gives pruned weights a generation: the file is damaged")
+    recorded = (meta.get("mask_integrity") or {}).get("redraws_sha256")
+    if recorded is None or _redraws_sha256(generations) != recorded:
+        raise TicketError(f"{where} is not the one saved (its sha256 differs from ticket.json's, or ticket.json "
+                          "records none): the file is damaged")
+
+
 def load_ticket(path: str, model: Any = None, frozen_from: str | None = None) -> Ticket:
     """Loads a ticket directory written by ``save_ticket`` (any run's ``WORKDIR/ticket``).
 
@@ -622,4 +684,9 @@ def load_ticket(path: str, model: Any = None, frozen_from: str | None = None) ->
     if os.path.lexists(state_path):
         state = _read_npz(state_path, state_path)
         _check_state(path, state, {k: v for k, v in variables.items() if k != "params"}, meta)
-    return Ticket(meta, masks, state, model, frozen_from)
+    generations = None
+    redraws_path = os.path.join(path, "redraws.npz")
+    if os.path.lexists(redraws_path) or (meta.get("mask_integrity") or {}).get("redraws_sha256"):
+        generations = _read_npz(redraws_path, redraws_path)
+        _check_redraws(path, generations, masks, meta)
+    return Ticket(meta, masks, state, model, frozen_from, generations)

@@ -134,6 +134,14 @@ class Run:
         # of the default PRNG (threefry, rbg, ...), so Orbax can checkpoint the training key.
         self.init_key, self.train_key, self.eval_key = jax.random.split(
             jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), 3)
+        # A method that re-draws pruned weights (IteRand) draws them from the seed's generations
+        # (slt_jax.frozen.generation_key), its coins from a fourth stream.
+        self.redraws = hasattr(self.method, "redraw")
+        if self.redraws:
+            self.draw = frozen_lib.params_by_generation(self.model, input_shape, config.seed, ZOO_INIT_KWARGS,
+                                                        config.frozen_dtype)
+            self.redraw_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+            self._redraw = jax.jit(self.method.redraw)
 
     def initial_state(self) -> TrainState:
         gates = self.method.init(self.init_key, self.shapes)
@@ -145,6 +153,25 @@ class Run:
         """The jitted step of ``slt_jax.step`` for this run's model, method, loss and frozen storage."""
         return make_train_step(self.model.apply, self.method, self.optimizer, loss_fn=self.loss,
                                apply_kwargs={"train": True}, frozen_fn=self.storage.to_params)
+
+    def redraw(self, state: TrainState, step: int) -> TrainState:
+        """After step ``step``, when ``method.is_redraw_step(step)``: re-draws pruned weights (the
+        step's ``frozen`` input changes); returns the state with the new generations."""
+        event = step // self.method.redraw_every
+        method_state, params = self._redraw(self.redraw_key, state.gates, state.method_state,
+                                            self.frozen_params(self.frozen), self.draw(event), event)
+        self._set_weights(params)
+        return state.replace(method_state=method_state)
+
+    def restore_weights(self, state: TrainState) -> None:
+        """The weights of a resumed run: the seed's, or, after re-draws, replayed from the generations."""
+        if self.redraws:
+            self._set_weights(frozen_lib.redrawn_weights(self.draw, jax.device_get(state.method_state["generation"])))
+
+    def _set_weights(self, params: Any) -> None:
+        self.storage = frozen_lib.frozen_storage(self.model, params, self.dataset.input_shape, self.config.seed,
+                                                 self.config.frozen_dtype, False, ZOO_INIT_KWARGS)
+        self.frozen = sharding.replicate(self.storage.stored, self.mesh)
 
     def evaluate(self, state: TrainState, splits: tuple[str, ...] = ("val",)) -> dict[str, Any]:
         """Binary-ticket accuracy per split, sparsity, and the stochastic network's accuracy."""
@@ -235,6 +262,16 @@ def _repair_metrics(path: str, step: int, log_every: int, num_steps: int) -> Non
         with open(tmp, "wb") as f:
             f.writelines(keep)
         os.replace(tmp, path)  # a kill during the repair leaves the old file, never half of it
+
+
+def _last_train_seconds(path: str) -> float:
+    """The last record's ``train_seconds`` in a (repaired) metrics file; 0 if there is none."""
+    seconds = 0.0
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                seconds = json.loads(line).get("train_seconds", seconds)
+    return float(seconds)
 
 
 def _to_float(tree: dict[str, Any]) -> dict[str, Any]:
@@ -387,6 +424,7 @@ def _train_and_evaluate(run: Run, workdir: str, signals: PreemptionFlag) -> dict
                 os.remove(metrics_path)
         else:
             log.info("resuming from step %d", int(state.step))
+            run.restore_weights(state)
             if is_main:
                 _repair_metrics(metrics_path, int(state.step), config.log_every, run.num_steps)
         start = int(state.step)
@@ -427,6 +465,10 @@ def _train(run: Run, state: TrainState, checkpointer: Checkpointer, signals: Pre
         checkpointer.save(step, state)
 
     start = int(state.step)
+    # Seconds of training so far, evaluations excluded (compilation included): each record's
+    # "train_seconds", continued across resumes from the last record kept.
+    seconds_before = _last_train_seconds(metrics_path) if start else 0.0
+    t_start, eval_seconds = time.time(), 0.0
     bar = tqdm(total=run.num_steps, initial=start, desc=f"{config.method} {config.model}", unit="step",
                disable=not (config.progress and is_main), file=sys.stderr, dynamic_ncols=True)
     try:
@@ -435,12 +477,17 @@ def _train(run: Run, state: TrainState, checkpointer: Checkpointer, signals: Pre
             xs, ys = sharding.shard_batch((x, y), run.mesh)
             state, metrics = train_step(state, run.frozen, xs, ys)
             done = step + 1
+            if run.redraws and run.method.is_redraw_step(done):
+                state = run.redraw(state, done)
             if done % config.log_every == 0 or done == run.num_steps:
                 check_finite(done)
                 m = _to_float(metrics)
-                record = {"step": done, **m}
+                record = {"step": done, **m,
+                          "train_seconds": round(seconds_before + time.time() - t_start - eval_seconds, 3)}
                 if done % config.eval_every == 0 or done == run.num_steps:
+                    t_eval = time.time()
                     ev = run.evaluate(state)
+                    eval_seconds += time.time() - t_eval
                     record.update(ev)
                     bar.set_postfix(loss=f"{m['loss']:.3f}", val=f"{ev['val_accuracy']:.3f}",
                                     sparsity=f"{ev['sparsity']:.3f}")
@@ -488,8 +535,9 @@ def _finish(run: Run, state: TrainState, train_seconds: float, workdir: str, sig
     if is_main:  # from here on a signal waits: the ticket, plots and summary take a moment
         meta = {**run.ticket_meta(), "size": summary["ticket_size"],
                 "metrics": {k: summary[k] for k in ("val_accuracy", "test_accuracy", "sparsity", "binary_gap")}}
+        generation = jax.device_get(state.method_state["generation"]) if run.redraws else None
         save_ticket(os.path.join(workdir, "ticket"), meta, binary, jax.device_get(state.model_state),
-                    coding=config.ticket_coding)
+                    coding=config.ticket_coding, generation=generation)
         if config.plots:
             summary["plots"] = write_run_plots(workdir, summary, jax.device_get(state.gates), binary)
         _write_json(os.path.join(workdir, "summary.json"), summary)

@@ -81,3 +81,26 @@ def wait_for_checkpoint(proc, workdir, after: int) -> int:
         assert proc.poll() is None, f"run exited ({proc.returncode}) before a checkpoint: {proc.stderr.read()}"
         time.sleep(0.02)
     raise TimeoutError("no checkpoint appeared")
+
+
+def run_metrics(workdir) -> list[dict]:
+    """WORKDIR/metrics.jsonl's records without ``train_seconds`` (wall-clock time, never reproducible)."""
+    import json
+
+    return [{k: v for k, v in json.loads(line).items() if k != "train_seconds"}
+            for line in open(workdir / "metrics.jsonl")]
+
+
+def assert_same_ticket(workdir, reference, drop_steps=()) -> None:
+    """The same mask bits and the same metrics records (those of ``drop_steps`` aside) as ``reference``."""
+    import numpy as np
+
+    def mask_bits(d):
+        with np.load(d / "ticket" / "mask.npz") as f:
+            return {k: f[k] for k in f.files}
+
+    ours, ref = mask_bits(workdir), mask_bits(reference)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+    assert run_metrics(workdir) == [r for r in run_metrics(reference) if r["step"] not in drop_steps]

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, checkpoint_steps, wait_for_checkpoint
+from conftest import ROOT, assert_same_ticket, checkpoint_steps, run_metrics, wait_for_checkpoint
 
 NUM_STEPS, EVERY = 160, 20
 ARGS = [f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={EVERY}", "--config.num_epochs=0",
@@ -37,23 +37,6 @@ def finish(workdir, *extra) -> subprocess.CompletedProcess:
     return subprocess.run(_command(workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-
-
-def mask_bits(workdir) -> dict[str, np.ndarray]:
-    with np.load(workdir / "ticket" / "mask.npz") as f:
-        return {k: f[k] for k in f.files}
-
-
-def metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-
-
-def assert_same_ticket(workdir, reference) -> None:
-    ours, ref = mask_bits(workdir), mask_bits(reference)
-    assert ours.keys() == ref.keys()
-    for k in ref:
-        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
-    assert metrics(workdir) == metrics(reference)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +76,7 @@ def test_sigterm_saves_exits_zero_and_rerun_resumes(reference, tmp_path):
     assert "preempted" in err and "run the same command to resume" in err
     saved = checkpoint_steps(workdir)[-1]
     assert saved < NUM_STEPS and not (workdir / "ticket").exists()
-    assert metrics(workdir)[-1]["step"] <= saved
+    assert run_metrics(workdir)[-1]["step"] <= saved
     p = finish(workdir)
     assert p.returncode == 0, p.stderr
     assert_same_ticket(workdir, reference)
@@ -152,7 +135,7 @@ def test_divergence_stops_with_exit_3_and_saves_no_poisoned_checkpoint(tmp_path)
     for step in checkpoint_steps(tmp_path):  # whatever was saved before the overflow is finite
         kept = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(step) / "state")
         assert all(np.isfinite(np.asarray(leaf, np.float64)).all() for leaf in jax.tree.leaves(kept)), step
-    assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path)) if (tmp_path / "metrics.jsonl").exists() else True
+    assert all(np.isfinite(r["loss"]) for r in run_metrics(tmp_path)) if (tmp_path / "metrics.jsonl").exists() else True
 
 
 def test_checkpoint_holds_training_state_but_not_frozen_weights(reference):

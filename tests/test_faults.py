@@ -23,7 +23,7 @@ from configs import default
 from slt_jax.checkpoint import StorageError
 from slt_jax.train import train_and_evaluate
 
-from conftest import ROOT, checkpoint_steps, wait_for_checkpoint
+from conftest import ROOT, assert_same_ticket, checkpoint_steps, run_metrics, wait_for_checkpoint
 
 NUM_STEPS, EVERY = 40, 20
 ARGS = [f"--config.num_steps={NUM_STEPS}", f"--config.checkpoint_every={EVERY}", "--config.num_epochs=0",
@@ -72,23 +72,6 @@ def _catches(pid: int, signum: int) -> bool:
 
 def _files(workdir) -> dict[str, bytes]:
     return {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-
-
-def _mask_bits(workdir) -> dict[str, np.ndarray]:
-    with np.load(workdir / "ticket" / "mask.npz") as f:
-        return {k: f[k] for k in f.files}
-
-
-def _metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-
-
-def _assert_same_ticket(workdir, reference, drop_steps=()) -> None:
-    ours, ref = _mask_bits(workdir), _mask_bits(reference)
-    assert ours.keys() == ref.keys()
-    for k in ref:
-        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
-    assert _metrics(workdir) == [r for r in _metrics(reference) if r["step"] not in drop_steps]
 
 
 def _one_line(stderr: str, prefix: str) -> str:
@@ -297,7 +280,7 @@ def test_second_run_in_a_busy_workdir_is_refused_and_changes_nothing(cli):
     assert code == 2, stderr
     assert str(busy["workdir"]) in line and f"pid {busy['pid']}" in line and "in use" in line, line
     assert busy["unchanged"]
-    steps = [r["step"] for r in _metrics(busy["workdir"])]
+    steps = [r["step"] for r in run_metrics(busy["workdir"])]
     assert steps == sorted(set(steps)), steps  # no step logged twice
 
 
@@ -319,7 +302,7 @@ def test_sigterm_in_the_final_phase_exits_cleanly_and_a_rerun_finishes(cli, refe
         code, out, err = cli["busy"]["rerun"]
         assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["num_steps"] == NUM_STEPS and not err.strip(), err
-    _assert_same_ticket(cli["busy"]["workdir"], reference)
+    assert_same_ticket(cli["busy"]["workdir"], reference)
 
 
 def test_sigterm_during_startup_exits_cleanly_with_one_line(cli):
@@ -340,7 +323,7 @@ def test_file_size_limit_gives_one_line_naming_the_path_and_what_was_kept(cli, r
     assert fsize["kept"] == [EVERY]
     code, _, err = fsize["rerun"]  # the disk has room again: nothing was lost
     assert code == 0, err
-    _assert_same_ticket(fsize["workdir"], reference)
+    assert_same_ticket(fsize["workdir"], reference)
 
 
 def test_other_data_under_the_same_workdir_is_refused_and_nothing_written(cli):
@@ -362,7 +345,7 @@ def test_damaged_metrics_are_repaired_with_a_warning(cli, reference, name):
     assert len(lines) == 1 and str(workdir / "metrics.jsonl") in lines[0], err
     for text in METRICS_DAMAGE[name][2]:
         assert text in lines[0], lines[0]
-    _assert_same_ticket(workdir, reference, drop_steps=METRICS_DAMAGE[name][1])
+    assert_same_ticket(workdir, reference, drop_steps=METRICS_DAMAGE[name][1])
 
 
 # ---- in-process: resume faults ---------------------------------------------------------------------------

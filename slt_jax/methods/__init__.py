@@ -11,10 +11,11 @@ leaf is not gated, and knows neither the model nor the data. Any training loop, 
     state   = method.update_state(state, aux)              # e.g. the multiplier lambda
 
 and for every evaluation and the final ticket ``method.binary_masks(gates)`` (bool arrays).
-Skipping ``penalty`` or ``update_state`` silently drops CRBG's sparsity target.
+Skipping ``penalty`` or ``update_state`` silently drops CRBG's sparsity target. IteRand also
+re-draws pruned weights between steps (``is_redraw_step``, ``redraw``).
 
 Each method's dataclass defaults are the recipe ``run.py`` uses: ``configs/default.py`` reads
-its sub-config (``crbg``, ``edgepopup``, ``supermask``, ``biprop``) and the learning rate from these classes.
+its sub-config (``crbg``, ``edgepopup``, ``supermask``, ``biprop``, ``iterand``) and the learning rate from these classes.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import optax
 from slt_jax.methods.biprop import Biprop
 from slt_jax.methods.crbg import CRBG
 from slt_jax.methods.edgepopup import EdgePopup
+from slt_jax.methods.iterand import IteRand
 from slt_jax.methods.supermask import Supermask
 
 Array = jax.Array
@@ -46,8 +48,9 @@ class Method(Protocol):
     def init(self, key: Array, shapes: Any) -> GateTree:
         """Initial gate parameters for the template ``slt_jax.masking.gate_shapes`` returns."""
 
-    def init_state(self) -> dict[str, Array]:
-        """The method's own state (e.g. a multiplier), a dict of scalars; may be empty."""
+    def init_state(self, gates: GateTree | None = None) -> dict[str, Any]:
+        """The method's own state for ``gates``, a dict of arrays; may be empty. CRBG and Supermask:
+        the multiplier (scalars, ``gates`` unused); IteRand: each weight's generation (needs ``gates``)."""
 
     def train_masks(self, gates: GateTree, key: Array, step: Array) -> GateTree:
         """Masks for one training forward pass, differentiable w.r.t. ``gates``."""
@@ -68,8 +71,13 @@ class Method(Protocol):
     def optimizer(self) -> optax.GradientTransformation:
         """The recipe's optimiser for the gates (any Optax optimiser may be used instead)."""
 
+    # A method that re-draws weights during the search (IteRand) also has ``is_redraw_step(step)``
+    # and ``redraw(key, gates, state, params, candidate, event) -> (state, params)``, which a loop
+    # calls between steps (``slt_jax.methods.iterand``); the others have neither.
 
-METHODS: dict[str, type] = {"crbg": CRBG, "edgepopup": EdgePopup, "supermask": Supermask, "biprop": Biprop}
+
+METHODS: dict[str, type] = {"crbg": CRBG, "edgepopup": EdgePopup, "supermask": Supermask, "biprop": Biprop,
+                             "iterand": IteRand}
 # Fields the harness sets itself; the rest of each dataclass's fields are its config sub-dict.
 _HARNESS_FIELDS = ("num_steps", "sparsity", "learning_rate", "lr_schedule", "warmup_steps", "weights_per_gate", "name")
 
@@ -98,4 +106,4 @@ def create_method(config: Any, *, num_steps: int, warmup_steps: int = 0, weights
     return cls(num_steps=num_steps, sparsity=config.sparsity, warmup_steps=warmup_steps, **kwargs)
 
 
-__all__ = ["Biprop", "CRBG", "EdgePopup", "METHODS", "Method", "Supermask", "create_method", "method_hyperparameters"]
+__all__ = ["Biprop", "CRBG", "EdgePopup", "IteRand", "METHODS", "Method", "Supermask", "create_method", "method_hyperparameters"]

@@ -87,7 +87,7 @@ class CRBG:
         """Gate parameters for ``shapes`` (``slt_jax.masking.gate_shapes``): mu ~ 0.5 + 0.01 N(0, 1)."""
         return gates_lib.init_gates(key, shapes, family=self.family)
 
-    def init_state(self) -> dict[str, Array]:
+    def init_state(self, gates: GateTree | None = None) -> dict[str, Array]:
         """The multiplier: ``lambda`` and its controller's ``integral``, both ``lam`` at the start."""
         return init_multiplier(self.lam)
 

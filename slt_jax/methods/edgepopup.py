@@ -107,7 +107,7 @@ class EdgePopup:
 
         return jax.tree_util.tree_map_with_path(init_leaf, shapes)
 
-    def init_state(self) -> dict[str, Array]:
+    def init_state(self, gates: GateTree | None = None) -> dict[str, Array]:
         """No state: the top-k needs none."""
         return {}
 

@@ -62,7 +62,7 @@ class Supermask:
         del key  # the Bernoulli samples break the symmetry
         return jax.tree.map(lambda s: jnp.full(s.shape, self.score_init, jnp.float32), shapes)
 
-    def init_state(self) -> dict[str, Array]:
+    def init_state(self, gates: GateTree | None = None) -> dict[str, Array]:
         """The multiplier (unused with ``sparsity_control="none"``)."""
         return init_multiplier(self.lam)
 
