@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     # None: the method's own recipe (CRBG: Adam 0.05 constant; edge-popup: SGD 0.1 cosine;
-    # supermask: SGD 100 constant; biprop: edge-popup's).
+    # supermask: SGD 100 constant; biprop, iterand: edge-popup's).
     c.learning_rate = ml_collections.config_dict.placeholder(float)
     c.lr_schedule = ml_collections.config_dict.placeholder(str)  # "constant" or "cosine"
     c.warmup_epochs = 0.0  # linear learning-rate warm-up before the schedule
@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (slt_jax.methods.crbg.CRBG); edgepopup and biprop: scope, momentum, weight_decay
     # (...edgepopup.EdgePopup, ...biprop.Biprop); supermask: sparsity_control ("dual": the multiplier
     # holds --config.sparsity; "none": the paper's uncontrolled masks), score_init, lam, dual_lr, dual_kp
-    # (...supermask.Supermask).
+    # (...supermask.Supermask); iterand: edge-popup's and redraw_every, redraw_fraction (...iterand.IteRand).
     for name in METHODS:
         c[name] = ml_collections.ConfigDict(method_hyperparameters(name))
 

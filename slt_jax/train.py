@@ -34,7 +34,6 @@ from slt_jax.data import DataError, load_dataset
 from slt_jax.gates import gate_count
 from slt_jax.methods import create_method
 from slt_jax.models import create_model
-from slt_jax.plots import write_run_plots
 from slt_jax.run_config import ConfigError, check_model_fits, fingerprint, model_spec, validate_config
 from slt_jax.step import TrainState, classification_loss, make_eval_fn, make_train_step, ticket_params
 from slt_jax.ticket import ZOO_INIT_KWARGS, save_ticket, ticket_size
@@ -539,6 +538,8 @@ def _finish(run: Run, state: TrainState, train_seconds: float, workdir: str, sig
         save_ticket(os.path.join(workdir, "ticket"), meta, binary, jax.device_get(state.model_state),
                     coding=config.ticket_coding, generation=generation)
         if config.plots:
+            from slt_jax.plots import write_run_plots  # matplotlib takes a second to import: only when plotting
+
             summary["plots"] = write_run_plots(workdir, summary, jax.device_get(state.gates), binary)
         _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

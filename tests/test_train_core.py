@@ -44,7 +44,7 @@ def _train(run, steps):
     return state
 
 
-@pytest.mark.parametrize("method", ["crbg", "edgepopup", "supermask"])
+@pytest.mark.parametrize("method", ["crbg", "edgepopup", "supermask", "iterand"])
 def test_frozen_weights_are_bit_identical_and_only_gates_have_optimiser_state(method, tmp_path):
     # Structured gates have a shape no weight has, so a weight-shaped leaf in the state is easy to spot.
     config = _short_config(method=method, structured=method == "crbg", use_bias=True)
@@ -66,7 +66,7 @@ def test_frozen_weights_are_bit_identical_and_only_gates_have_optimiser_state(me
     num_gates = sum(math.prod(s) for s in _gate_shapes(run))
     state_size = sum(np.size(leaf) for leaf in jax.tree.leaves(state.opt_state) if np.ndim(leaf))
     # Adam: mu, nu; SGD with momentum (edge-popup): one; plain SGD (supermask): none.
-    assert state_size == {"crbg": 2, "edgepopup": 1, "supermask": 0}[method] * num_gates
+    assert state_size == {"crbg": 2, "edgepopup": 1, "supermask": 0, "iterand": 1}[method] * num_gates
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,10 @@ weights removed either way.
 * The decision term (g = deterministic gate) ramps linearly from 0 to ``decision_weight`` over
   the second half of training; it pushes gates to exactly 0 or 1 so that the binary ticket
   computes what the trained stochastic network computed.
+* The ticket (``binary_rule``): ``"threshold"`` keeps a weight iff its deterministic gate exceeds
+  1/2; ``"rank"`` keeps the round((1 - sparsity) n) gates with the largest parameters over all
+  gated leaves (counting gates, so meant for one gate per weight), which hits the target exactly.
+  The multiplier answers to the threshold rule's density either way.
 
 Only the gate parameters are optimised, by Adam. The defaults are the recipe ``run.py`` uses
 (``configs/default.py`` reads them from this class).
@@ -37,12 +41,14 @@ import optax
 
 from slt_jax import gates as gates_lib
 from slt_jax import masking
+from slt_jax.methods.edgepopup import top_k_masks
 from slt_jax.methods.multiplier import init_multiplier, update_multiplier
 from slt_jax.methods.schedules import learning_rate_schedule
 
 Array = jax.Array
 GateTree = Any  # params-shaped: an array per gated leaf, None elsewhere
 LAMBDA_MODES = ("dual", "fixed")
+BINARY_RULES = ("threshold", "rank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +70,7 @@ class CRBG:
     temp_start: float = 0.5
     temp_end: float = 0.5  # no anneal by default: the penalty keeps its gradient for open gates
     decision_weight: float = 1.0
+    binary_rule: str = "threshold"
     learning_rate: float = 0.05
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -75,6 +82,8 @@ class CRBG:
         gates_lib.get_family(self.family)
         if self.lambda_mode not in LAMBDA_MODES:
             raise ValueError(f"unknown lambda_mode {self.lambda_mode!r}; allowed: {', '.join(LAMBDA_MODES)}")
+        if self.binary_rule not in BINARY_RULES:
+            raise ValueError(f"unknown binary_rule {self.binary_rule!r}; allowed: {', '.join(BINARY_RULES)}")
         if not (self.temp_start > 0 and self.temp_end > 0):
             raise ValueError(f"temperatures must be > 0, got temp_start={self.temp_start}, temp_end={self.temp_end}")
 
@@ -101,7 +110,7 @@ class CRBG:
         indecision = gates_lib.indecision(gates, family=self.family)
         ramp = jnp.clip(2.0 * step / max(self.num_steps, 1) - 1.0, 0.0, 1.0)
         total = state["lambda"] * (density - (1.0 - self.sparsity)) + self.decision_weight * ramp * indecision
-        binary = gates_lib.weighted_density(self.binary_masks(gates), self.weights_per_gate)
+        binary = gates_lib.weighted_density(gates_lib.binary_mask(gates, family=self.family), self.weights_per_gate)
         return total, {"expected_density": density, "binary_density": binary, "indecision": indecision,
                        "lambda": state["lambda"], "temp": self.temp(step)}
 
@@ -116,8 +125,13 @@ class CRBG:
         return masking.apply_masks(params, masks)
 
     def binary_masks(self, gates: GateTree) -> GateTree:
-        """The ticket: keep a weight iff its deterministic gate exceeds 1/2 (bool, shaped like ``gates``)."""
-        return gates_lib.binary_mask(gates, family=self.family)
+        """The ticket (bool, shaped like ``gates``): deterministic gate > 1/2, or the top-ranked gates."""
+        if self.binary_rule == "threshold":
+            return gates_lib.binary_mask(gates, family=self.family)
+        # Every family's deterministic gate rises with its parameter, so rank the parameters
+        # (shifted to >= 0, which the bisection on float bits needs; the order is unchanged).
+        low = min(jnp.min(g) for g in jax.tree.leaves(gates))
+        return top_k_masks(jax.tree.map(lambda g: g - low, gates), 1.0 - self.sparsity, "global")
 
     def optimizer(self) -> optax.GradientTransformation:
         """The recipe's optimiser for the gates: Adam with the learning-rate schedule."""

@@ -1,0 +1,179 @@
+"""What makes CRBG's tickets better or worse than edge-popup's at 80-95% sparsity (issue 14).
+
+    python benchmarks/crbg_study.py --cells all --targets 0.9 --seeds 0              # screen, MNIST
+    python benchmarks/crbg_study.py --cells crbg,edgepopup_layer,edgepopup_global --targets 0.9,0.95 --seeds 0,1,2
+    python benchmarks/crbg_study.py --cells crbg,edgepopup_global --targets 0.9 --seeds 0 --num_epochs 50
+    python benchmarks/crbg_study.py --datasets mnist_shifted,digits --cells crbg,edgepopup_layer,edgepopup_global --targets 0.9 --seeds 0,1,2
+
+A cell is one method and recipe: CRBG (configs/mnist_lenet300_crbg.py) with one change, or
+edge-popup (configs/mnist_lenet300_edgepopup.py) per layer or with a global top-k. Every cell runs
+LeNet-300-100 with the same data, seeds, loss (``logit_scale=5``), batch, epochs and evaluation;
+accuracy is the binary ticket's on the validation split carved from the training data (test sets
+are not used). Datasets:
+
+* ``mnist``: ../shared/data/mnist_train.npz;
+* ``mnist_shifted``: the same images, each moved by its own random offset of up to 5 pixels
+  in x and y (zeros shifted in; offsets from a fixed seed), written once to OUT/data: for an MLP
+  a task of another kind, since no weight sees the same pixel twice;
+* ``digits``: scikit-learn's 8x8 digits, the default run's data and budget (60 epochs at batch 64).
+
+Writes OUT/results.jsonl (one row per run; a rerun skips the runs it holds, so phases add up),
+OUT/table.md (mean ± std over seeds @ achieved sparsity, one row per cell, one column per dataset,
+target and epochs) and prints the table. A row does not record the code that made it: delete the
+file after changing the code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import mnist_lenet300_crbg, mnist_lenet300_edgepopup  # noqa: E402
+
+MNIST = "../shared/data/mnist_train.npz"
+MAX_SHIFT = 5
+DIGITS_BUDGET = {"num_epochs": 60, "batch_size": 64}  # the default run's; --num_epochs is MNIST's
+
+# cell -> (base config, overrides as dotted keys). One change from the recipe per CRBG cell.
+CELLS: dict[str, tuple[str, dict[str, Any]]] = {
+    "crbg": ("crbg", {}),
+    "edgepopup_layer": ("edgepopup", {}),
+    "edgepopup_global": ("edgepopup", {"edgepopup.scope": "global"}),
+    "crbg_lr0.02": ("crbg", {"learning_rate": 0.02}),
+    "crbg_lr0.1": ("crbg", {"learning_rate": 0.1}),
+    "crbg_cosine": ("crbg", {"lr_schedule": "cosine"}),
+    "crbg_sigma0.25": ("crbg", {"crbg.temp_start": 0.25, "crbg.temp_end": 0.25}),
+    "crbg_sigma1": ("crbg", {"crbg.temp_start": 1.0, "crbg.temp_end": 1.0}),
+    "crbg_sigma1to0.1": ("crbg", {"crbg.temp_start": 1.0, "crbg.temp_end": 0.1}),
+    "crbg_rank": ("crbg", {"crbg.binary_rule": "rank"}),
+    "crbg_no_decision": ("crbg", {"crbg.decision_weight": 0.0}),
+    "crbg_decision3": ("crbg", {"crbg.decision_weight": 3.0}),
+    "crbg_dual_ascent": ("crbg", {"crbg.dual_kp": 0.0}),
+    "crbg_hard_concrete": ("crbg", {"crbg.family": "hard_concrete"}),
+    "crbg_kaiming_normal": ("crbg", {"weight_init": "kaiming_normal"}),
+    "edgepopup_global_kaiming_normal": ("edgepopup", {"edgepopup.scope": "global", "weight_init": "kaiming_normal"}),
+    "crbg_uniform": ("crbg", {"weight_init": "uniform"}),
+    "edgepopup_global_uniform": ("edgepopup", {"edgepopup.scope": "global", "weight_init": "uniform"}),
+}
+DATASETS = ("mnist", "mnist_shifted", "digits")
+
+
+def shifted_mnist(path: str) -> None:
+    """MNIST with every image moved by its own offset in [-MAX_SHIFT, MAX_SHIFT]^2 (seed 0)."""
+    with np.load(MNIST) as f:
+        x, y = f["x_train"], f["y_train"]
+    offsets = np.random.default_rng(0).integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(len(x), 2))
+    pad = np.pad(x, ((0, 0), (MAX_SHIFT, MAX_SHIFT), (MAX_SHIFT, MAX_SHIFT)))
+    out = np.empty_like(x)
+    for i, (dy, dx) in enumerate(offsets):
+        out[i] = pad[i, MAX_SHIFT - dy:MAX_SHIFT - dy + 28, MAX_SHIFT - dx:MAX_SHIFT - dx + 28]
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, x_train=out, y_train=y)
+    os.replace(tmp, path)
+
+
+def dataset_overrides(name: str, out: str) -> dict[str, Any]:
+    """The config keys that select ``name`` (and, for digits, its budget)."""
+    if name == "mnist":
+        return {"dataset": f"npz:{MNIST}"}
+    if name == "mnist_shifted":
+        path = os.path.join(out, "data", "mnist_shifted.npz")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            shifted_mnist(path)
+        return {"dataset": f"npz:{path}"}
+    return {"dataset": "digits", **DIGITS_BUDGET}
+
+
+def cell_config(cell: str, dataset: str, target: float, seed: int, num_epochs: int, out: str) -> ml_collections.ConfigDict:
+    base, overrides = CELLS[cell]
+    config = (mnist_lenet300_crbg if base == "crbg" else mnist_lenet300_edgepopup).get_config()
+    config.num_epochs = num_epochs
+    for key, value in {**overrides, **dataset_overrides(dataset, out)}.items():
+        parent, _, leaf = key.rpartition(".")
+        (config[parent] if parent else config)[leaf] = value
+    config.sparsity, config.seed = target, seed
+    config.progress, config.plots, config.checkpoint_every = False, False, 0
+    return config
+
+
+def run_one(cell: str, dataset: str, target: float, seed: int, num_epochs: int, out: str) -> dict[str, Any]:
+    from slt_jax.train import train_and_evaluate
+
+    config = cell_config(cell, dataset, target, seed, num_epochs, out)
+    workdir = os.path.join(out, "runs", f"{cell}-{dataset}-s{target}-seed{seed}-e{config.num_epochs}")
+    s = train_and_evaluate(config, workdir)
+    return {"cell": cell, "dataset": dataset, "target_sparsity": target, "seed": seed,
+            "num_epochs": config.num_epochs, "val_accuracy": s["val_accuracy"], "sparsity": s["sparsity"],
+            "layer_sparsity": s["layer_sparsity"], "binary_gap": s["binary_gap"], "train_seconds": s["train_seconds"]}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["cell"], r["dataset"], r["target_sparsity"], r["num_epochs"])].append(r)
+    columns = sorted({k[1:] for k in groups}, key=lambda c: (DATASETS.index(c[0]), c[1], c[2]))
+    cells = [c for c in CELLS if any(k[0] == c for k in groups)]
+    lines = ["| cell | " + " | ".join(f"{d} {t:.2f}, {e} ep" for d, t, e in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for cell in cells:
+        out = []
+        for column in columns:
+            g = groups.get((cell, *column), [])
+            if not g:
+                out.append("")
+                continue
+            acc = np.array([r["val_accuracy"] for r in g]) * 100
+            sp = np.mean([r["sparsity"] for r in g]) * 100
+            out.append(f"{acc.mean():.2f} ± {acc.std():.2f} @ {sp:.1f}% (n={len(g)})")
+        lines.append(f"| {cell} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="crbg,edgepopup_layer,edgepopup_global", help="comma list, or 'all'")
+    ap.add_argument("--datasets", default="mnist")
+    ap.add_argument("--targets", default="0.9")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--num_epochs", type=int, default=10, help="MNIST epochs (digits keeps its own budget)")
+    ap.add_argument("--out", default="benchmarks/results/crbg_study")
+    args = ap.parse_args()
+    cells = list(CELLS) if args.cells == "all" else args.cells.split(",")
+    for kind, given, allowed in (("cell", cells, CELLS), ("dataset", args.datasets.split(","), DATASETS)):
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            sys.exit(f"error: unknown {kind}(s) {unknown}; allowed: {', '.join(allowed)}")
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.jsonl")
+    rows = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
+    jobs = [(c, d, float(t), int(s)) for d in args.datasets.split(",") for t in args.targets.split(",")
+            for c in cells for s in args.seeds.split(",")]
+    for i, (cell, dataset, target, seed) in enumerate(jobs):
+        epochs = DIGITS_BUDGET["num_epochs"] if dataset == "digits" else args.num_epochs
+        if any((r["cell"], r["dataset"], r["target_sparsity"], r["seed"], r["num_epochs"])
+               == (cell, dataset, target, seed, epochs) for r in rows):
+            continue
+        print(f"[{i + 1}/{len(jobs)}] {cell} {dataset} sparsity={target} seed={seed} epochs={epochs}",
+              file=sys.stderr, flush=True)
+        row = run_one(cell, dataset, target, seed, args.num_epochs, args.out)
+        rows.append(row)
+        with open(results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    text = table(rows)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write("Binary-ticket validation accuracy (mean ± std over seeds) @ achieved sparsity, LeNet-300-100 "
+                "(digits: the 64-256-256-10 default MLP is not used; LeNet on 8x8 inputs).\n\n" + text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
