@@ -34,6 +34,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_collections  # noqa: E402
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist_lenet300_crbg, mnist_lenet300_edgepopup  # noqa: E402
@@ -165,6 +166,7 @@ def main() -> None:
         print(f"[{i + 1}/{len(jobs)}] {cell} {dataset} sparsity={target} seed={seed} epochs={epochs}",
               file=sys.stderr, flush=True)
         row = run_one(cell, dataset, target, seed, args.num_epochs, args.out)
+        jax.clear_caches()  # compiled programs pile up over runs until mapping memory runs out (LLVM)
         rows.append(row)
         with open(results_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -38,6 +38,7 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_collections  # noqa: E402
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist_lenet300_crbg, mnist_lenet300_crbg_structured, mnist_lenet300_edgepopup  # noqa: E402
@@ -246,6 +247,7 @@ def main() -> None:
             continue
         print(f"[{i + 1}/{len(jobs)}] {job[0]} sparsity={job[1]} seed={job[2]}", file=sys.stderr, flush=True)
         row = run_one(*job, args)
+        jax.clear_caches()  # compiled programs pile up over runs until mapping memory runs out (LLVM)
         rows.append(row)
         with open(results_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -23,7 +23,6 @@ import time
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from flax import serialization
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,9 @@ class Checkpointer:
     def __init__(self, directory: str, fingerprint: dict[str, Any], max_to_keep: int = 2):
         self.fingerprint = fingerprint
         self.directory = os.path.abspath(directory)
+        import orbax.checkpoint as ocp  # half a second to import: a run refused before training never loads it
+
+        self._ocp = ocp
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -80,6 +82,7 @@ class Checkpointer:
     def save(self, step: int, state: Any) -> None:
         """Saves ``state`` (any pytree, e.g. a ``TrainState``) as nested dicts, asynchronously."""
         state = serialization.to_state_dict(state)
+        ocp = self._ocp
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         fingerprint=ocp.args.JsonSave(self.fingerprint)),
                           force=True)
@@ -90,6 +93,7 @@ class Checkpointer:
     def restore_latest(self, template: Any) -> Any | None:
         """The newest restorable state, or None. Raises CheckpointMismatch for a foreign config or data,
         StorageError when the disk fails to read one (then nothing has been changed)."""
+        ocp = self._ocp
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 fingerprint = self.manager.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from slt_jax import load_ticket, masking
 from slt_jax.frozen import redrawn_weights
 from slt_jax.methods import IteRand
 from slt_jax.checkpoint import Checkpointer
-from slt_jax.run_config import ConfigError, fingerprint
+from slt_jax.run_config import ConfigError, fingerprint, validate_config
 from slt_jax.ticket import TicketError
 from slt_jax.train import Run, data_fingerprint, train_and_evaluate
 
@@ -67,22 +68,31 @@ def test_replaying_generations_gives_the_weights_of_successive_redraws():
     np.testing.assert_array_equal(out["Dense_0"]["bias"], draws[0]["Dense_0"]["bias"])  # not gated: generation 0
 
 
-def _config(tiny_config, **overrides):
-    tiny_config.update(method="iterand", sparsity=0.7, checkpoint_every=30, **overrides)
-    tiny_config.iterand.redraw_every = 20  # re-draws after steps 20 and 40 of 60
-    return tiny_config
+def _config(**overrides):
+    """tiny_config (conftest.py) with IteRand re-drawing after steps 20 and 40 of 60, checkpoints at 30 and 60."""
+    c = default.get_config()
+    c.update(num_epochs=0, num_steps=60, batch_size=64, log_every=10, eval_every=30, checkpoint_every=30,
+             num_devices=1, progress=False, plots=False, method="iterand", sparsity=0.7)
+    c.iterand.redraw_every = 20
+    c.update(overrides)
+    return c
 
 
-def test_resume_replays_the_redraws_and_the_ticket_regenerates_the_run_weights(tiny_config, tmp_path):
-    config = _config(tiny_config)
-    reference = tmp_path / "reference"
-    train_and_evaluate(config, str(reference))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A finished IteRand run (two re-draws) on the digits."""
+    workdir = tmp_path_factory.mktemp("iterand") / "reference"
+    train_and_evaluate(_config(), str(workdir))
+    return workdir
+
+
+def test_the_ticket_regenerates_the_weights_the_run_computed_with(reference):
+    config = _config()
     run = Run(config, str(reference))
-    state = run.initial_state()
     # The run's final weights, replayed from its last checkpoint's generations.
     checkpointer = Checkpointer(str(reference / "checkpoints"), {**fingerprint(config),
                                                                   "data": data_fingerprint(run.dataset)})
-    state = checkpointer.restore_latest(state)
+    state = checkpointer.restore_latest(run.initial_state())
     checkpointer.close()
     generation = jax.device_get(state.method_state["generation"])
     assert int(state.step) == 60 and {int(v) for g in jax.tree.leaves(generation) for v in np.unique(g)} == {0, 1, 2}
@@ -93,34 +103,37 @@ def test_resume_replays_the_redraws_and_the_ticket_regenerates_the_run_weights(t
     for name, kept in masking.named_leaves(ticket.gate_masks).items():  # bit for bit, on every kept weight
         np.testing.assert_array_equal(np.asarray(replayed[name])[kept].view(np.uint32),
                                       np.asarray(weights[name])[kept].view(np.uint32), err_msg=name)
-    # Resume from step 30 (after the first re-draw): the same ticket, generations and records.
+
+
+def test_resuming_after_a_redraw_gives_the_same_ticket(reference, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(reference, resumed)
-    for leftover in ("checkpoints/60", "ticket", "summary.json"):
+    for leftover in ("checkpoints/60", "ticket", "summary.json"):  # back to step 30, after the first re-draw
         shutil.rmtree(resumed / leftover) if (resumed / leftover).is_dir() else (resumed / leftover).unlink()
-    train_and_evaluate(config, str(resumed))
+    train_and_evaluate(_config(), str(resumed))
     assert_same_ticket(resumed, reference)
     assert (resumed / "ticket" / "redraws.npz").read_bytes() == (reference / "ticket" / "redraws.npz").read_bytes()
 
 
-def test_bad_combinations_and_a_damaged_redraws_file_are_refused(tiny_config, tmp_path):
-    for key, value in (("structured", True), ("regenerate_frozen", True)):
-        config = _config(tiny_config.copy_and_resolve_references(), **{key: value})
-        with pytest.raises(ConfigError, match=f"method=iterand re-draws .*{key}={value}"):
-            Run(config, str(tmp_path))
-    config = _config(tiny_config, num_steps=40, eval_every=20)
-    train_and_evaluate(config, str(tmp_path / "run"))
-    redraws = tmp_path / "run" / "ticket" / "redraws.npz"
-    with np.load(redraws) as f:
+@pytest.mark.parametrize("key,value", [("structured", True), ("regenerate_frozen", True)])
+def test_settings_it_cannot_replay_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"method=iterand re-draws .*{key}={value}"):
+        validate_config(_config(**{key: value}))
+
+
+def test_a_changed_or_missing_redraws_file_is_refused(reference, tmp_path):
+    ticket = tmp_path / "ticket"
+    shutil.copytree(reference / "ticket", ticket)
+    with np.load(ticket / "redraws.npz") as f:
         arrays = {k: f[k] for k in f.files}
     name = next(k for k, g in arrays.items() if g.any())
-    arrays[name] = np.where(arrays[name] > 0, 0, arrays[name]).astype(arrays[name].dtype)  # forget the re-draws
-    np.savez_compressed(redraws, **arrays)
+    arrays[name] = np.zeros_like(arrays[name])  # as if the kept weights had never been re-drawn
+    np.savez_compressed(ticket / "redraws.npz", **arrays)
     with pytest.raises(TicketError, match="redraws.npz is not the one saved"):
-        load_ticket(str(tmp_path / "run" / "ticket"))
-    redraws.unlink()
+        load_ticket(str(ticket))
+    (ticket / "redraws.npz").unlink()
     with pytest.raises(TicketError, match="redraws.npz is missing"):
-        load_ticket(str(tmp_path / "run" / "ticket"))
+        load_ticket(str(ticket))
 
 
 def test_run_py_iterand_ticket_is_accepted_by_the_verifier(tmp_path):
