@@ -37,6 +37,7 @@ import ml_collections  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.mnist_pareto import accuracy_cell  # noqa: E402
 from configs import mnist_lenet300_crbg, mnist_lenet300_edgepopup  # noqa: E402
 
 MNIST = "../shared/data/mnist_train.npz"
@@ -126,15 +127,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| cell | " + " | ".join(f"{d} {t:.2f}, {e} ep" for d, t, e in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for cell in cells:
-        out = []
-        for column in columns:
-            g = groups.get((cell, *column), [])
-            if not g:
-                out.append("")
-                continue
-            acc = np.array([r["val_accuracy"] for r in g]) * 100
-            sp = np.mean([r["sparsity"] for r in g]) * 100
-            out.append(f"{acc.mean():.2f} ± {acc.std():.2f} @ {sp:.1f}% (n={len(g)})")
+        out = [accuracy_cell(groups.get((cell, *column), [])) for column in columns]
         lines.append(f"| {cell} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 

@@ -127,6 +127,15 @@ def _variants_present(rows: list[dict[str, Any]]) -> list[str]:
     return [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
 
 
+def accuracy_cell(runs: list[dict[str, Any]]) -> str:
+    """Validation accuracy mean ± std over the runs @ their mean sparsity, in %; "" for no runs."""
+    if not runs:
+        return ""
+    acc = np.array([r["val_accuracy"] for r in runs]) * 100
+    sparsity = np.mean([r["sparsity"] for r in runs]) * 100
+    return f"{acc.mean():.2f} ± {acc.std():.2f} @ {sparsity:.1f}% (n={len(runs)})"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     groups = defaultdict(list)
     for r in rows:
@@ -137,13 +146,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for t in targets:
         cells = []
         for v in variants:
-            g = groups.get((v, t), [])
-            if not g:
-                cells.append("")
-                continue
-            acc = np.array([r["val_accuracy"] for r in g]) * 100
-            sp = np.mean([r["sparsity"] for r in g]) * 100
-            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} @ {sp:.1f}% (n={len(g)})")
+            cells.append(accuracy_cell(groups.get((v, t), [])))
         lines.append(f"| {t:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
