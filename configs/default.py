@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 200
     c.checkpoint_every = 500
     c.eval_batch_size = 1000
+    # Models with BatchNorm: after training, the ticket's running statistics are recomputed on the
+    # binary ticket over this many training batches (0: keep those averaged under the training masks).
+    c.bn_recalibration_batches = 40
     c.num_devices = 0  # 0: every device JAX sees
     c.progress = True
     c.plots = True

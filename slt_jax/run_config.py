@@ -26,9 +26,10 @@ from slt_jax.models import MODELS, create_model
 from slt_jax.models.inits import WEIGHT_INITS
 from slt_jax.ticket import MASK_CODINGS
 
-# Keys that do not change what a run computes: a resumed run may change them freely.
+# Keys that do not change the training state a checkpoint holds: a resumed run may change them freely
+# (bn_recalibration_batches acts after the last step, on the ticket's statistics).
 NON_SEMANTIC_KEYS = ("eval_every", "log_every", "checkpoint_every", "num_devices", "progress", "eval_batch_size",
-                     "plots", "distributed", "ticket_coding", "regenerate_frozen")
+                     "plots", "distributed", "ticket_coding", "regenerate_frozen", "bn_recalibration_batches")
 
 
 class ConfigError(ValueError):
@@ -127,6 +128,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "eval_every": _int(1),
     "checkpoint_every": _int(0),
     "eval_batch_size": _int(1),
+    "bn_recalibration_batches": _int(0),
     "num_devices": _int(0),
     "progress": _bool,
     "plots": _bool,

@@ -135,6 +135,7 @@ class Run:
             jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), 3)
         # A method that re-draws pruned weights (IteRand) draws them from the seed's generations
         # (slt_jax.frozen.generation_key), its coins from a fourth stream.
+        self._update_stats = None  # compiled on first use by recalibrated()
         self.redraws = hasattr(self.method, "redraw")
         if self.redraws:
             self.draw = frozen_lib.params_by_generation(self.model, input_shape, config.seed, ZOO_INIT_KWARGS,
@@ -171,6 +172,26 @@ class Run:
         self.storage = frozen_lib.frozen_storage(self.model, params, self.dataset.input_shape, self.config.seed,
                                                  self.config.frozen_dtype, False, ZOO_INIT_KWARGS)
         self.frozen = sharding.replicate(self.storage.stored, self.mesh)
+
+    def recalibrated(self, state: TrainState) -> TrainState:
+        """The state with the model's running statistics (BatchNorm) recomputed on the binary ticket.
+
+        Training averages them under the training masks (CRBG's noisy gates), which are not the
+        ticket's: a ResNet-18 CRBG ticket on MNIST scored 78% with them and 94% with its own. The
+        ticket's statistics are the initial ones updated by ``bn_recalibration_batches`` train-mode
+        forward passes of the ticket over the first training batches; nothing else changes."""
+        n = self.config.bn_recalibration_batches
+        if not state.model_state or not n:
+            return state
+        if self._update_stats is None:
+            self._update_stats = jax.jit(lambda params, stats, x: self.model.apply(
+                {"params": params, **stats}, x, train=True, mutable=list(stats))[1])
+        params = ticket_params(self.method, state.gates, self.frozen_params(self.frozen))
+        stats = sharding.replicate(self.initial_model_state, self.mesh)
+        for i in range(n):
+            x, y = self.dataset.train_batch(self.config.seed, i, self.config.batch_size)
+            stats = self._update_stats(params, stats, sharding.shard_batch((x, y), self.mesh)[0])
+        return state.replace(model_state=stats)
 
     def evaluate(self, state: TrainState, splits: tuple[str, ...] = ("val",)) -> dict[str, Any]:
         """Binary-ticket accuracy per split, sparsity, and the stochastic network's accuracy."""
@@ -518,6 +539,7 @@ def _finish(run: Run, state: TrainState, train_seconds: float, workdir: str, sig
                             "ticket", signals.signum)
 
     stop_if_signalled()
+    state = run.recalibrated(state)
     final = run.evaluate(state, splits=("val", "test"))
     binary = jax.device_get(run.method.binary_masks(state.gates))
     summary = {

@@ -204,13 +204,24 @@ def test_batchnorm_ticket_round_trips_and_predicts_as_evaluated(tiny_config, tmp
     c.model = "resnet18"
     c.num_steps = 4
     c.eval_every = c.log_every = 4
+    c.bn_recalibration_batches = 3
     summary = train_and_evaluate(c, str(tmp_path))
     ticket = load_ticket(str(tmp_path / "ticket"))
     stored = masking.named_leaves(ticket.model_state())
-    variables = init_variables(create_model(ticket.meta["model"]), (16, 16, 3), c.seed, ZOO_INIT_KWARGS)
-    initial = masking.named_leaves({k: v for k, v in variables.items() if k != "params"})
-    assert stored.keys() == initial.keys() and any(not np.allclose(stored[k], initial[k]) for k in stored)
+    model = create_model(ticket.meta["model"])
+    variables = init_variables(model, (16, 16, 3), c.seed, ZOO_INIT_KWARGS)
+    initial = {k: v for k, v in variables.items() if k != "params"}
+    assert stored.keys() == masking.named_leaves(initial).keys()
+    # The ticket's statistics are its own: the initial ones after 3 train-mode passes of the binary ticket.
     data = load_dataset(c)
+    stats = initial
+    for i in range(3):
+        x, _ = data.train_batch(c.seed, i, c.batch_size)
+        _, stats = model.apply({"params": ticket.masked_params(), **stats}, x, train=True, mutable=list(stats))
+    expected = masking.named_leaves(stats)
+    for k in stored:
+        assert not np.allclose(stored[k], masking.named_leaves(initial)[k]), k
+        np.testing.assert_allclose(stored[k], expected[k], rtol=1e-4, atol=1e-6, err_msg=k)
     accuracy = float(np.mean(ticket.predict(data.x_val) == data.y_val))
     assert accuracy == summary["val_accuracy"]
 
