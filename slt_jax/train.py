@@ -178,8 +178,10 @@ class Run:
 
         Training averages them under the training masks (CRBG's noisy gates), which are not the
         ticket's: a ResNet-18 CRBG ticket on MNIST scored 78% with them and 94% with its own. The
-        ticket's statistics are the initial ones updated by ``bn_recalibration_batches`` train-mode
-        forward passes of the ticket over the first training batches; nothing else changes."""
+        ticket's statistics are the training ones updated (momentum as in training) by
+        ``bn_recalibration_batches`` train-mode forward passes of the ticket over the first training
+        batches. Not from the initial statistics: their variance of 1 would outweigh a sparse
+        network's small activations for many batches. Nothing else changes."""
         n = self.config.bn_recalibration_batches
         if not state.model_state or not n:
             return state
@@ -187,7 +189,7 @@ class Run:
             self._update_stats = jax.jit(lambda params, stats, x: self.model.apply(
                 {"params": params, **stats}, x, train=True, mutable=list(stats))[1])
         params = ticket_params(self.method, state.gates, self.frozen_params(self.frozen))
-        stats = sharding.replicate(self.initial_model_state, self.mesh)
+        stats = state.model_state
         for i in range(n):
             x, y = self.dataset.train_batch(self.config.seed, i, self.config.batch_size)
             stats = self._update_stats(params, stats, sharding.shard_batch((x, y), self.mesh)[0])

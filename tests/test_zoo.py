@@ -7,6 +7,7 @@ bit-identical; a BatchNorm ticket predicts exactly what the run evaluated.
 """
 import importlib
 import json
+import shutil
 
 import flax.linen as nn
 import jax
@@ -204,23 +205,27 @@ def test_batchnorm_ticket_round_trips_and_predicts_as_evaluated(tiny_config, tmp
     c.model = "resnet18"
     c.num_steps = 4
     c.eval_every = c.log_every = 4
-    c.bn_recalibration_batches = 3
+    c.bn_recalibration_batches = 0  # the ticket keeps the statistics training averaged
+    train_and_evaluate(c, str(tmp_path))
+    training = load_ticket(str(tmp_path / "ticket")).model_state()
+    shutil.rmtree(tmp_path / "ticket")
+    c.bn_recalibration_batches = 3  # a rerun resumes at the last step and only recomputes them
     summary = train_and_evaluate(c, str(tmp_path))
     ticket = load_ticket(str(tmp_path / "ticket"))
     stored = masking.named_leaves(ticket.model_state())
     model = create_model(ticket.meta["model"])
     variables = init_variables(model, (16, 16, 3), c.seed, ZOO_INIT_KWARGS)
-    initial = {k: v for k, v in variables.items() if k != "params"}
-    assert stored.keys() == masking.named_leaves(initial).keys()
-    # The ticket's statistics are its own: the initial ones after 3 train-mode passes of the binary ticket.
+    initial = masking.named_leaves({k: v for k, v in variables.items() if k != "params"})
+    assert stored.keys() == initial.keys()
+    # The ticket's statistics are its own: training's after 3 train-mode passes of the binary ticket.
     data = load_dataset(c)
-    stats = initial
+    stats = training
     for i in range(3):
         x, _ = data.train_batch(c.seed, i, c.batch_size)
         _, stats = model.apply({"params": ticket.masked_params(), **stats}, x, train=True, mutable=list(stats))
     expected = masking.named_leaves(stats)
     for k in stored:
-        assert not np.allclose(stored[k], masking.named_leaves(initial)[k]), k
+        assert not np.allclose(stored[k], initial[k]) and not np.allclose(stored[k], masking.named_leaves(training)[k]), k
         np.testing.assert_allclose(stored[k], expected[k], rtol=1e-4, atol=1e-6, err_msg=k)
     accuracy = float(np.mean(ticket.predict(data.x_val) == data.y_val))
     assert accuracy == summary["val_accuracy"]
