@@ -114,6 +114,10 @@ CASES = {
     "eval_every_zero": (["--config.eval_every=0"], ["eval_every=0", "allowed: an integer >= 1"]),
     "eval_batch_size_zero": (["--config.eval_batch_size=0"], ["eval_batch_size=0", "allowed: an integer >= 1"]),
     "ticket_coding_zip": (["--config.ticket_coding=zip"], ["ticket_coding='zip'", "allowed: packbits, golomb"]),
+    "bn_recalibration_negative": (["--config.bn_recalibration_batches=-1"],
+                                  ["bn_recalibration_batches=-1", "allowed: an integer >= 0"]),
+    "iterand_redraw_every_zero": (["--config.iterand.redraw_every=0"],
+                                  ["iterand: redraw_every=0", "allowed: an integer >= 1"]),
     # The model against the data's images, before any weight is drawn.
     "width_zero": (["--config.width=0"], ["width=0", "allowed: a number in (0.0, inf)"]),
     "width_leaves_no_units": (["--config.width=0.001"], ["width=0.001", "no units", "allowed"]),
