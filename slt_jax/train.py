@@ -133,9 +133,9 @@ class Run:
         # of the default PRNG (threefry, rbg, ...), so Orbax can checkpoint the training key.
         self.init_key, self.train_key, self.eval_key = jax.random.split(
             jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), 3)
+        self._update_stats = None  # compiled on first use by recalibrated()
         # A method that re-draws pruned weights (IteRand) draws them from the seed's generations
         # (slt_jax.frozen.generation_key), its coins from a fourth stream.
-        self._update_stats = None  # compiled on first use by recalibrated()
         self.redraws = hasattr(self.method, "redraw")
         if self.redraws:
             self.draw = frozen_lib.params_by_generation(self.model, input_shape, config.seed, ZOO_INIT_KWARGS,
