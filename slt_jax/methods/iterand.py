@@ -75,18 +75,16 @@ class IteRand(EdgePopup):
         masks = self.binary_masks(gates)
         index = {name: i for i, name in enumerate(masking.named_leaves(masks))}
         event_key = jax.random.fold_in(key, event)
+        is_none = lambda x: x is None  # noqa: E731 - ungated leaves keep their weights and have no generation
 
-        def leaf(path, m, g, w, c):
-            if m is None:
-                return g, w
+        def taken(path, m):  # the pruned weights this re-draw replaces
             coin = jax.random.bernoulli(jax.random.fold_in(event_key, index[masking.path_name(path)]),
                                         self.redraw_fraction, jnp.shape(m))
-            take = coin & ~m
-            return jnp.where(take, event, g), jnp.where(take, c, w)
+            return coin & ~m
 
-        pairs = jax.tree_util.tree_map_with_path(leaf, masks, state["generation"], params, candidate,
-                                                 is_leaf=lambda x: x is None)
-        first = lambda t: isinstance(t, tuple)  # noqa: E731 - the (generation, weight) pairs
-        generation = jax.tree.map(lambda p: p[0], pairs, is_leaf=first)
-        weights = jax.tree.map(lambda p: p[1], pairs, is_leaf=first)
+        take = jax.tree_util.tree_map_with_path(taken, masks)
+        generation = jax.tree.map(lambda t, g: g if t is None else jnp.where(t, event, g), take, state["generation"],
+                                  is_leaf=is_none)
+        weights = jax.tree.map(lambda t, w, c: w if t is None else jnp.where(t, c, w), take, params, candidate,
+                               is_leaf=is_none)
         return {**state, "generation": generation}, weights
