@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.structured = False
     c.structured_policy = ""  # with structured: regex of the gated leaves that get unit gates ("" = all);
     # the other gated leaves keep one gate per weight
+    c.structured_inputs = ""  # with structured: regex of Dense/Conv kernels that get one gate per input
+    # feature / channel instead (a pixel on the first layer; a hidden unit on the layer after it)
     c.ticket_coding = "packbits"  # how ticket/mask.npz stores the mask: "packbits" or "golomb"
 
     # Each method's own hyperparameters, c.<method>, with the defaults of its dataclass (one source of truth):

@@ -7,7 +7,9 @@ a constant folded into the next layer, so the compact model computes the masked 
 (up to float summation order) with fewer multiply-accumulates. The classifier's outputs are never
 deleted: a closed class unit keeps a zero column.
 
-MLPs and ConvNets: a closed unit outputs relu(0) = 0 and is deleted.
+MLPs and ConvNets: a closed unit outputs relu(0) = 0 and is deleted; so is a unit whose every
+outgoing weight is closed (an input gate on the next layer), and an MLP's input feature that no
+kept weight reads (input gates on the first layer: the compact model selects the kept pixels).
 
 ResNets (BasicBlock: ``resnet18``, ``resnet18_imagenet``), with non-affine BatchNorm applied with
 its running statistics: a closed channel's conv output 0 becomes the constant
@@ -98,44 +100,87 @@ def compact_ticket(ticket, multiple: int = 1) -> tuple[nn.Module, dict[str, Any]
     return _compact_feedforward(spec, params, multiple)
 
 
+def _rows_by_input(kernel: np.ndarray, channels: int | None) -> np.ndarray:
+    """``kernel`` as (inputs, ..., outputs) with one leading entry per input unit: a Conv's input
+    channels, a Dense's rows, or (``channels`` given) the channels of the flattened (h, w, c)
+    features a Dense after the convolutions reads."""
+    if kernel.ndim == 4:
+        return np.moveaxis(kernel, 2, 0)
+    if channels is not None:
+        return np.moveaxis(kernel.reshape(-1, channels, kernel.shape[-1]), 1, 0)
+    return kernel
+
+
+def _feedforward_keeps(params: dict[str, Any], layers: list[str], first_dense: int | None) -> list[np.ndarray]:
+    """Kept units of the network input (MLPs: its features; ConvNets: its channels, all kept) and
+    of every layer's output, by two sweeps over the masked kernels:
+
+    * forward: a unit is live if its column has a nonzero on a live input, or it has a nonzero bias;
+      any other unit outputs relu(0) = 0 on every input;
+    * backward: a live unit is kept only if a kept unit of the next layer reads it with a nonzero
+      weight (its row there, e.g. closed by an input gate); otherwise nothing depends on it.
+    The classifier's outputs are always kept."""
+    def rows(i: int) -> np.ndarray:
+        width = params[layers[i - 1]]["kernel"].shape[-1] if i == first_dense and i > 0 else None
+        return _rows_by_input(params[layers[i]]["kernel"], width)
+
+    n_in = rows(0).shape[0]
+    live = [np.ones(n_in, bool)]
+    for i, name in enumerate(layers):
+        r = rows(i)[live[-1]]
+        unit = np.any(r != 0, axis=tuple(range(r.ndim - 1)))
+        live.append(unit | (params[name]["bias"] != 0) if "bias" in params[name] else unit)
+    keeps = live[:]
+    keeps[-1] = np.ones_like(live[-1])
+    for i in range(len(layers) - 1, -1, -1):
+        r = rows(i)[..., keeps[i + 1]]
+        keeps[i] = live[i] & np.any(r != 0, axis=tuple(range(1, r.ndim)))
+    if layers[0].startswith("Conv"):
+        keeps[0] = np.ones(n_in, bool)  # an image's channels are not deleted
+    return keeps
+
+
+class SelectInputs(nn.Module):
+    """The compact MLP of a ticket that closed input features (input gates on its first layer):
+    the flattened input's kept features, ``features``, then ``body``."""
+
+    features: tuple[int, ...]
+    body: nn.Module
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return self.body(x.reshape(x.shape[0], -1)[:, np.asarray(self.features)], train)
+
+
 def _compact_feedforward(spec: dict[str, Any], params: dict[str, Any],
                          multiple: int) -> tuple[nn.Module, dict[str, Any]]:
     convs, denses = _layers(params, "Conv"), _layers(params, "Dense")
+    layers = convs + denses
+    keeps = _feedforward_keeps(params, layers, len(convs) if convs else None)
+    keeps = [keeps[0]] + [_aligned(k, multiple) for k in keeps[1:-1]] + [keeps[-1]]
     new: dict[str, dict[str, np.ndarray]] = {}
-    keep_in = None  # kept input channels / features of the current layer
-
-    for name in convs:
-        kernel = params[name]["kernel"]
-        keep = _aligned(_live(params[name]), multiple)
-        kernel = kernel if keep_in is None else kernel[:, :, keep_in, :]
+    for i, name in enumerate(layers):
+        kernel, keep_in, keep = params[name]["kernel"], keeps[i], keeps[i + 1]
+        if kernel.ndim == 4:
+            kernel = kernel[:, :, keep_in, :]
+        elif i == len(convs) and convs:  # rows of the first Dense are the flattened (h, w, c) features
+            kernel = kernel.reshape(-1, len(keep_in), kernel.shape[-1])[:, keep_in, :].reshape(-1, kernel.shape[-1])
+        else:
+            kernel = kernel[keep_in, :]
         new[name] = {"kernel": kernel[..., keep]}
         if "bias" in params[name]:
             new[name]["bias"] = params[name]["bias"][keep]
-        keep_in = keep
-
-    for i, name in enumerate(denses):
-        kernel = params[name]["kernel"]
-        last = i == len(denses) - 1
-        keep = np.ones(kernel.shape[-1], bool) if last else _aligned(_live(params[name]), multiple)
-        if keep_in is not None:
-            if i == 0 and convs:  # rows of the first Dense are the flattened (h, w, c) features
-                channels = len(keep_in)
-                kernel = kernel.reshape(-1, channels, kernel.shape[-1])[:, keep_in, :].reshape(-1, kernel.shape[-1])
-            else:
-                kernel = kernel[keep_in, :]
-        new[name] = {"kernel": kernel[:, keep]}
-        if "bias" in params[name]:
-            new[name]["bias"] = params[name]["bias"][keep]
-        keep_in = keep
 
     use_bias = spec.get("use_bias", False)
     hidden = tuple(int(new[d]["kernel"].shape[-1]) for d in denses[:-1])
     if convs:
         module = ConvNet(tuple(int(new[c]["kernel"].shape[-1]) for c in convs), spec["num_classes"],
                          dense=hidden, use_bias=use_bias, kernel_init=PLACEHOLDER_INIT)
-    else:
-        module = MLP(hidden, spec["num_classes"], use_bias=use_bias, kernel_init=PLACEHOLDER_INIT)
-    return module, {"params": new}
+        return module, {"params": new}
+    module = MLP(hidden, spec["num_classes"], use_bias=use_bias, kernel_init=PLACEHOLDER_INIT)
+    if keeps[0].all():
+        return module, {"params": new}
+    features = tuple(int(i) for i in np.flatnonzero(keeps[0]))
+    return SelectInputs(features, module), {"params": {"body": new}}
 
 
 # --- ResNets ---------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ policy regexes match names. Gate arrays broadcast against their leaf:
   for the (in, heads, head_dim) query/key/value kernels (and (heads, 1) on their biases), shape
   (heads, 1, 1) for the (heads, head_dim, out) output kernel (whose bias, shared by all heads,
   stays ungated).
+* input gates (``structured_inputs``): one gate per input feature / channel of a Dense or Conv
+  kernel, shape (1, ..., 1, in, 1): a closed gate removes the feature's outgoing weights (a row
+  of the kernel), e.g. a pixel on the first layer, or a hidden unit seen from the layer after it,
+  as in h = z * act(W h_prev). The bias is not gated by them.
 
 Models never see gates: ``apply_masks(params, masks)`` returns an ordinary parameter tree that
 goes straight into ``model.apply``. Every function here is jit-safe except ``sparsity_report``.
@@ -57,7 +61,7 @@ def _like_params(params: Params, by_name: dict[str, Any]) -> Any:
 
 
 def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool = False,
-                structured_policy: str = "") -> Any:
+                structured_policy: str = "", structured_inputs: str = "") -> Any:
     """The gate tree's template: shaped like ``params``, a float32 ``jax.ShapeDtypeStruct`` for each
     leaf whose path name matches the regex ``policy``, None elsewhere.
 
@@ -66,18 +70,29 @@ def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool =
     projections get one per head (see the module docstring). With ``structured``, the regex
     ``structured_policy`` picks the gated leaves that get them ("" = all); the other gated leaves
     keep one gate per weight (e.g. the classifier, whose units cannot be removed without removing
-    a class, but whose weights can).
+    a class, but whose weights can). The regex ``structured_inputs`` ("" = none; needs
+    ``structured``) picks gated Dense / Conv kernels that get one gate per input feature or
+    channel instead, shape (1, ..., 1, in, 1).
     """
     pattern = _regex("gate_policy", policy)
     unit_pattern = _regex("structured_policy", structured_policy)
+    input_pattern = _regex("structured_inputs", structured_inputs) if structured_inputs else None
+    if input_pattern is not None and not structured:
+        raise ValueError(f"structured_inputs={structured_inputs!r} with structured=False; allowed: "
+                         "structured_inputs='' or structured=True")
     shapes = {}
     for name, leaf in named_leaves(params).items():
         if pattern.search(name) and np.ndim(leaf) >= 1:
             shape = tuple(np.shape(leaf))
-            per_unit = structured and unit_pattern.search(name)
-            shapes[name] = jax.ShapeDtypeStruct(_structured_shape(name, shape) if per_unit else shape, jnp.float32)
+            if input_pattern is not None and input_pattern.search(name):
+                shape = _input_shape(name, shape)
+            elif structured and unit_pattern.search(name):
+                shape = _structured_shape(name, shape)
+            shapes[name] = jax.ShapeDtypeStruct(shape, jnp.float32)
     if not shapes:
         raise ValueError(f"gate policy {policy!r} matches no parameter; parameters are: {', '.join(named_leaves(params))}")
+    if input_pattern is not None and not any(input_pattern.search(name) for name in shapes):
+        raise ValueError(f"structured_inputs={structured_inputs!r} matches no gated parameter; gated: {', '.join(shapes)}")
     return _like_params(params, shapes)
 
 
@@ -94,6 +109,13 @@ def _structured_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if axis is None:
         return (1,) * (len(shape) - 1) + shape[-1:]
     return tuple(n if i == axis else 1 for i, n in enumerate(shape))
+
+
+def _input_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) not in (2, 4) or name.split("/")[-1] != "kernel":
+        raise ValueError(f"structured_inputs matches {name!r} (shape {list(shape)}); allowed: Dense kernels "
+                         "(in, out) and Conv kernels (h, w, in, out)")
+    return (1,) * (len(shape) - 2) + (shape[-2], 1)
 
 
 def _bias_partner(name: str, masks: dict[str, Array], leaves: dict[str, Array]) -> Array | None:

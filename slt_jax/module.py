@@ -29,12 +29,13 @@ class Gated:
     """A Linen module's frozen weights and a method's gates; see the module docstring."""
 
     def __init__(self, module: Any, method: Any, policy: str = masking.DEFAULT_POLICY, structured: bool = False,
-                 structured_policy: str = ""):
+                 structured_policy: str = "", structured_inputs: str = ""):
         self.module = module
         self.method = method
         self.policy = policy
         self.structured = structured
         self.structured_policy = structured_policy
+        self.structured_inputs = structured_inputs
 
     def init(self, rngs: jax.Array | dict[str, jax.Array], *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Variables ``{"frozen", "gates", ...}``. ``rngs``: ``{"params": k1, "gates": k2}``, or one
@@ -52,7 +53,8 @@ class Gated:
 
     def gate_shapes(self, frozen: Any) -> Any:
         """The gate tree's template for these weights (``slt_jax.masking.gate_shapes``)."""
-        return masking.gate_shapes(frozen, self.policy, self.structured, self.structured_policy)
+        return masking.gate_shapes(frozen, self.policy, self.structured, self.structured_policy,
+                                   self.structured_inputs)
 
     def masks(self, gates: Any, key: jax.Array | None = None, step: Any = 0) -> Any:
         """A training sample of the masks with ``key``; without one, the binary ticket's masks."""
@@ -72,10 +74,12 @@ class Gated:
 
 
 def gated(module: Any, method: Any, *, policy: str = masking.DEFAULT_POLICY, structured: bool = False,
-          structured_policy: str = "") -> Gated:
+          structured_policy: str = "", structured_inputs: str = "") -> Gated:
     """``module`` (any Flax Linen module) with frozen weights and ``method``'s gates; see ``Gated``.
 
     ``policy`` is a regex over parameter path names (default: every kernel); ``structured`` gives
-    one gate per output unit / channel / head (the unit's bias closes with it).
+    one gate per output unit / channel / head (the unit's bias closes with it); ``structured_policy``
+    and ``structured_inputs`` pick which leaves get unit and input-feature gates
+    (``slt_jax.masking.gate_shapes``).
     """
-    return Gated(module, method, policy, structured, structured_policy)
+    return Gated(module, method, policy, structured, structured_policy, structured_inputs)

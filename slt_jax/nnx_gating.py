@@ -66,13 +66,14 @@ class GatedModel(nnx.Module):
       policy: regex over parameter path names (default: every kernel).
       structured: one gate per output unit / channel / head; the unit's bias closes with it.
       structured_policy: regex picking the gated leaves that get structured gates ("" = all).
+      structured_inputs: regex picking Dense/Conv kernels that get one gate per input feature instead.
     """
 
     def __init__(self, model: nnx.Module, method: Method, *, rngs: nnx.Rngs, policy: str = masking.DEFAULT_POLICY,
-                 structured: bool = False, structured_policy: str = ""):
+                 structured: bool = False, structured_policy: str = "", structured_inputs: str = ""):
         self.model = model
         self.method = method
-        shapes = masking.gate_shapes(self.frozen(), policy, structured, structured_policy)
+        shapes = masking.gate_shapes(self.frozen(), policy, structured, structured_policy, structured_inputs)
         # nnx.data: NNX refuses Variables inside a plain dict attribute unless it is marked as data.
         # tree.map keeps the None leaves, so the stored tree is still shaped like the params.
         self.gates = nnx.data(jax.tree.map(Gate, method.init(rngs.gates(), shapes)))

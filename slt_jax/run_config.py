@@ -116,6 +116,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "gate_policy": _regex,
     "structured": _bool,
     "structured_policy": _regex,
+    "structured_inputs": _regex,
     "ticket_coding": _one_of(MASK_CODINGS),
     "val_fraction": _number(0.0, 1.0, lo_open=True, hi_open=True),
     "split_seed": _int(0, 2**32 - 1),
@@ -154,6 +155,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"method={config.method} re-draws pruned weights from the seed (structured="
                           f"{config.structured}, regenerate_frozen={config.regenerate_frozen}, frozen_from="
                           f"{config.frozen_from!r}); allowed: structured=False, regenerate_frozen=False, frozen_from=''")
+    if config.structured_inputs and not config.structured:
+        raise ConfigError(f"structured_inputs={config.structured_inputs!r} with structured=False; allowed: "
+                          "structured_inputs='' or structured=True")
     if config.frozen_from and config.regenerate_frozen:
         raise ConfigError("regenerate_frozen=True with frozen_from; allowed: one of them (a params file cannot "
                           "be regenerated from a seed)")

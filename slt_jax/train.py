@@ -120,7 +120,7 @@ class Run:
         frozen_shapes = jax.eval_shape(self.frozen_params, self.frozen)
         try:  # a policy that matches nothing: the one ValueError gate_shapes raises
             self.shapes = masking.gate_shapes(frozen_shapes, config.gate_policy, config.structured,
-                                              config.structured_policy)
+                                              config.structured_policy, config.structured_inputs)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.method = create_method(config, num_steps=self.num_steps, warmup_steps=self.warmup_steps,
@@ -221,7 +221,8 @@ class Run:
         cfg = self.config
         meta = {"model": self.spec, "input_shape": list(self.dataset.input_shape), "seed": cfg.seed,
                 "init_kwargs": ZOO_INIT_KWARGS, "gate_policy": cfg.gate_policy, "structured": cfg.structured,
-                "structured_policy": cfg.structured_policy, "method": cfg.method,
+                "structured_policy": cfg.structured_policy, "structured_inputs": cfg.structured_inputs,
+                "method": cfg.method,
                 "frozen_dtype": cfg.frozen_dtype,  # the ticket is defined on weights rounded to it
                 "dataset": cfg.dataset, "preprocessing": self.dataset.preprocessing}
         if self.method.ticket_weights:  # e.g. biprop's sign(w0) * alpha(mask), replayed by the ticket

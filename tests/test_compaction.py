@@ -14,15 +14,19 @@ from slt_jax.models import create_model
 from slt_jax.train import train_and_evaluate
 
 
-@pytest.mark.parametrize("model, use_bias, structured_policy", [
-    ("digits_mlp", True, ""),
-    ("digits_mlp", False, r"^Dense_[01]/"),  # the classifier keeps one gate per weight
-    ("conv2", False, ""),
+@pytest.mark.parametrize("model, use_bias, structured_policy, structured_inputs", [
+    ("digits_mlp", True, "", ""),
+    ("digits_mlp", False, r"^Dense_[01]/", ""),  # the classifier keeps one gate per weight
+    # pixel gates, hidden units of the first layer gated as rows of the second, the second's units
+    ("digits_mlp", True, r"^Dense_1/", r"^Dense_0/"),
+    ("digits_mlp", False, "", r"^Dense_[01]/"),
+    ("conv2", False, "", ""),
 ])
-def test_compact_model_matches_masked_model(tiny_config, tmp_path, model, use_bias, structured_policy):
+def test_compact_model_matches_masked_model(tiny_config, tmp_path, model, use_bias, structured_policy,
+                                            structured_inputs):
     c = tiny_config
     c.model, c.use_bias, c.structured, c.sparsity, c.width = model, use_bias, True, 0.5, 0.25 if model == "conv2" else 1.0
-    c.structured_policy = structured_policy
+    c.structured_policy, c.structured_inputs = structured_policy, structured_inputs
     train_and_evaluate(c, str(tmp_path))
     ticket = load_ticket(str(tmp_path / "ticket"))
     module, variables = compact_ticket(ticket)

@@ -78,6 +78,30 @@ def test_structured_policy_gives_unit_gates_to_matching_leaves_only():
         masking.gate_shapes(params, structured=True, structured_policy="Dense_[0")
 
 
+def test_input_gates_close_rows_and_leave_the_bias_alone():
+    params = _with_random_biases(_params("conv2", (8, 8, 3), use_bias=True))
+    leaves = masking.named_leaves(params)
+    shapes = masking.gate_shapes(params, structured=True, structured_policy=r"^Dense_1/",
+                                 structured_inputs=r"^(Conv_1|Dense_0)/")
+    assert shapes["Conv_1"]["kernel"].shape == (1, 1, leaves["Conv_1/kernel"].shape[2], 1)
+    assert shapes["Dense_0"]["kernel"].shape == (leaves["Dense_0/kernel"].shape[0], 1)
+    assert shapes["Dense_1"]["kernel"].shape == (1, leaves["Dense_1/kernel"].shape[1])  # unit gates elsewhere
+    # Closing input feature 0 of Dense_0 zeroes exactly its row; its bias is untouched.
+    gates = _full(shapes, True, bool)
+    gates["Dense_0"]["kernel"] = gates["Dense_0"]["kernel"].at[0, 0].set(False)
+    masked = masking.apply_masks(params, gates)
+    kernel = np.asarray(leaves["Dense_0/kernel"])
+    np.testing.assert_array_equal(masked["Dense_0"]["kernel"], np.concatenate([0 * kernel[:1], kernel[1:]]))
+    np.testing.assert_array_equal(masked["Dense_0"]["bias"], leaves["Dense_0/bias"])
+    per_gate = masking.named_leaves(masking.weights_per_gate(params, shapes))
+    assert per_gate["Dense_0/kernel"] == kernel.shape[1]  # one row
+    assert per_gate["Conv_1/kernel"] == 9 * leaves["Conv_1/kernel"].shape[-1]  # one input channel's taps
+    with pytest.raises(ValueError, match="structured=False"):
+        masking.gate_shapes(params, structured_inputs=r"^Dense_0/")
+    with pytest.raises(ValueError, match="matches no gated parameter"):
+        masking.gate_shapes(params, structured=True, structured_inputs=r"^Dense_9/")
+
+
 def test_policy_selects_leaves_and_rejects_a_policy_matching_nothing():
     params = _params("digits_mlp", (8, 8, 1))
     shapes = masking.gate_shapes(params, policy=r"^Dense_1/")
