@@ -1,0 +1,146 @@
+"""Structured CRBG on LeNet-300-100, MNIST: which gates, weights and widths reach 88% at >= 77% (issue 11).
+
+    python benchmarks/lenet_structured.py --recipes units,pixels_units --targets 0.8 --seeds 0
+    python benchmarks/lenet_structured.py --recipes all --targets 0.8 --seeds 0 --num_epochs 10
+
+A recipe is configs/mnist_lenet300_crbg.py with ``structured=True`` and some keys changed (``RECIPES``;
+``pixels_units_x4_lr0.02`` is configs/mnist_lenet300_crbg_structured.py at 10 epochs); every
+run has the same data (../shared/data/mnist_train.npz, validation carved from it; the test set is
+withheld), loss, batch, epochs and seed. Each row reports the binary ticket's validation accuracy
+and two sparsities over the gated weights (the kernels of the network actually built):
+
+* ``sparsity``: the fraction the mask closes, as the harness and ``verify_ticket.py`` count it;
+* ``compact_sparsity``: 1 - the kernel weights of the compacted dense network
+  (``slt_jax.compaction``) over those of the network built. Closing a hidden unit's input gate on
+  the next layer (h = z * relu(W h_prev)) also kills its incoming weights, which the mask does not
+  close, so this is the larger; ``widths`` is the compacted network (inputs-hidden-...-classes),
+  beside 784-300-100-10.
+
+Writes OUT/results.jsonl (a rerun skips the rows it holds) and OUT/table.md. A row does not record
+the code that made it: delete the file after changing the code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import mnist_lenet300_crbg  # noqa: E402
+
+# recipe -> config keys (dotted for a method's own) changed from the structured config.
+UNITS = {"structured_policy": r"^Dense_[01]/kernel$", "structured_inputs": ""}
+# Input gates on both hidden layers' kernels: a pixel per row of Dense_0, a first-layer unit per row of Dense_1.
+PIXELS_UNITS = {"structured_policy": r"^Dense_[01]/kernel$", "structured_inputs": r"^Dense_[01]/kernel$"}
+RECIPES: dict[str, dict[str, Any]] = {
+    "units": UNITS,  # one gate per hidden unit (on its incoming weights), classifier per weight
+    "units_uniform": {**UNITS, "weight_init": "uniform"},
+    "units_kaiming_normal": {**UNITS, "weight_init": "kaiming_normal"},
+    "pixels_units": PIXELS_UNITS,
+    # pixels on Dense_0, the second layer's units on Dense_1: the first layer's 300 units all stay
+    "pixels_units2": {"structured_policy": r"^Dense_1/kernel$", "structured_inputs": r"^Dense_0/kernel$"},
+    # a gate per row everywhere: pixels, the first and the second layer's units; no per-weight gates
+    "rows": {"structured_policy": "", "structured_inputs": r"^Dense_[012]/kernel$"},
+    "pixels_units_uniform": {**PIXELS_UNITS, "weight_init": "uniform"},
+    "pixels_units_kaiming_normal": {**PIXELS_UNITS, "weight_init": "kaiming_normal"},
+    "pixels_units_lr0.02": {**PIXELS_UNITS, "learning_rate": 0.02},
+    "pixels_units_sigma1to0.1": {**PIXELS_UNITS, "crbg.temp_start": 1.0, "crbg.temp_end": 0.1},
+    "pixels_units_wide": {**PIXELS_UNITS, "width": 2.0},  # 784-600-200-10 built; sparsity counts it
+    "pixels_units_wide_lr0.02": {**PIXELS_UNITS, "width": 2.0, "learning_rate": 0.02},
+    "pixels_units_x4_lr0.02": {**PIXELS_UNITS, "width": 4.0, "learning_rate": 0.02},  # 784-1200-400-10
+}
+
+
+def recipe_config(recipe: str, target: float, seed: int, num_epochs: int):
+    config = mnist_lenet300_crbg.get_config()
+    config.structured = True
+    for key, value in RECIPES[recipe].items():
+        parent, _, leaf = key.rpartition(".")
+        (config[parent] if parent else config)[leaf] = value
+    config.sparsity, config.seed, config.num_epochs = target, seed, num_epochs
+    config.progress, config.plots, config.checkpoint_every = False, False, 0
+    return config
+
+
+def compacted(ticket_dir: str) -> dict[str, Any]:
+    """The compacted network's widths and the fraction of the built network's gated weights it drops."""
+    from slt_jax import load_ticket
+    from slt_jax.compaction import compact_ticket
+
+    ticket = load_ticket(ticket_dir)
+    module, variables = compact_ticket(ticket)
+    kernels = lambda params: sum(int(np.size(w)) for n, w in jax.tree_util.tree_leaves_with_path(params)  # noqa: E731
+                                 if jax.tree_util.keystr(n).endswith("['kernel']"))
+    built = kernels(ticket.frozen_params())
+    params = variables["params"].get("body", variables["params"])
+    inputs = len(module.features) if hasattr(module, "features") else int(np.prod(ticket.meta["input_shape"]))
+    body = getattr(module, "body", module)
+    return {"compact_sparsity": 1.0 - kernels(params) / built,
+            "widths": [inputs, *body.hidden, ticket.meta["model"]["num_classes"]]}
+
+
+def run_one(recipe: str, target: float, seed: int, num_epochs: int, out: str) -> dict[str, Any]:
+    from slt_jax.train import train_and_evaluate
+
+    config = recipe_config(recipe, target, seed, num_epochs)
+    workdir = os.path.join(out, "runs", f"{recipe}-s{target}-seed{seed}-e{num_epochs}")
+    s = train_and_evaluate(config, workdir)
+    return {"recipe": recipe, "target_sparsity": target, "seed": seed, "num_epochs": num_epochs,
+            "val_accuracy": s["val_accuracy"], "sparsity": s["sparsity"], "layer_sparsity": s["layer_sparsity"],
+            "binary_gap": s["binary_gap"], "train_seconds": s["train_seconds"],
+            **compacted(os.path.join(workdir, "ticket"))}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| recipe | target | epochs | seed | val acc | sparsity (mask) | compacted: sparsity | widths |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']} | {r['target_sparsity']:.2f} | {r['num_epochs']} | {r['seed']} | "
+                     f"{100 * r['val_accuracy']:.2f} | {100 * r['sparsity']:.1f}% | {100 * r['compact_sparsity']:.1f}% | "
+                     f"{'-'.join(map(str, r['widths']))} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", default="units,pixels_units", help="comma list, or 'all'")
+    ap.add_argument("--targets", default="0.8")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--num_epochs", type=int, default=10)
+    ap.add_argument("--out", default="benchmarks/results/lenet_structured")
+    args = ap.parse_args()
+    recipes = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        sys.exit(f"error: unknown recipe(s) {unknown}; allowed: {', '.join(RECIPES)}")
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.jsonl")
+    rows = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
+    jobs = [(r, float(t), int(s)) for t in args.targets.split(",") for r in recipes for s in args.seeds.split(",")]
+    for i, (recipe, target, seed) in enumerate(jobs):
+        if any((r["recipe"], r["target_sparsity"], r["seed"], r["num_epochs"]) == (recipe, target, seed, args.num_epochs)
+               for r in rows):
+            continue
+        print(f"[{i + 1}/{len(jobs)}] {recipe} sparsity={target} seed={seed} epochs={args.num_epochs}",
+              file=sys.stderr, flush=True)
+        row = run_one(recipe, target, seed, args.num_epochs, args.out)
+        jax.clear_caches()  # compiled programs pile up over runs until mapping memory runs out (LLVM)
+        rows.append(row)
+        with open(results_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
+    text = table(rows)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write("Structured CRBG, LeNet-300-100 (784-300-100-10 built unless stated), MNIST validation, binary "
+                "tickets.\n\n" + text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

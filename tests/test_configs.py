@@ -1,0 +1,24 @@
+"""Every committed config validates, and a config said to be a benchmark's recipe is that recipe."""
+import importlib
+import pathlib
+
+import pytest
+
+from benchmarks import lenet_structured
+from slt_jax.run_config import validate_config
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "mnist_zoo"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_validates(name):
+    validate_config(importlib.import_module(f"configs.{name}").get_config())
+
+
+def test_structured_lenet_config_is_the_benchmarks_winning_recipe():
+    config = importlib.import_module("configs.mnist_lenet300_crbg_structured").get_config()
+    recipe = lenet_structured.recipe_config("pixels_units_x4_lr0.02", config.sparsity, config.seed, config.num_epochs)
+    for key in ("progress", "plots", "checkpoint_every"):  # the benchmark's own bookkeeping
+        recipe[key] = config[key]
+    assert recipe.to_dict() == config.to_dict()
