@@ -45,8 +45,10 @@ def median_ms(calls: dict[str, tuple], x, reps: int) -> dict[str, float]:
 
 
 def widths(module) -> dict[str, list]:
-    """The compact model's widths: hidden units and conv channels, or a ResNet's stem channels and
-    each block's (inner, output) channels."""
+    """The compact model's widths: kept inputs, hidden units and conv channels, or a ResNet's stem
+    channels and each block's (inner, output) channels."""
+    if hasattr(module, "features"):  # an MLP reading only the kept input features
+        return {"inputs": [len(module.features)], **widths(module.body)}
     if hasattr(module, "blocks"):
         return {"stem": [module.stem_width], "blocks": [[b.inner, b.out] for b in module.blocks]}
     return {k: list(getattr(module, k)) for k in ("channels", "hidden", "dense") if hasattr(module, k)}

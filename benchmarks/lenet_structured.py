@@ -30,6 +30,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import mnist_lenet300_crbg  # noqa: E402
@@ -57,12 +58,19 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def recipe_config(recipe: str, target: float, seed: int, num_epochs: int):
+def recipe(name: str) -> ml_collections.ConfigDict:
+    """configs/mnist_lenet300_crbg.py with ``structured=True`` and the recipe's keys."""
     config = mnist_lenet300_crbg.get_config()
     config.structured = True
-    for key, value in RECIPES[recipe].items():
+    for key, value in RECIPES[name].items():
         parent, _, leaf = key.rpartition(".")
         (config[parent] if parent else config)[leaf] = value
+    return config
+
+
+def recipe_config(name: str, target: float, seed: int, num_epochs: int) -> ml_collections.ConfigDict:
+    """The recipe's run in this benchmark: its target, seed and budget, no progress bar, plots or checkpoints."""
+    config = recipe(name)
     config.sparsity, config.seed, config.num_epochs = target, seed, num_epochs
     config.progress, config.plots, config.checkpoint_every = False, False, 0
     return config
