@@ -4,6 +4,12 @@
     python benchmarks/crbg_study.py --cells crbg,edgepopup_layer,edgepopup_global --targets 0.9,0.95 --seeds 0,1,2
     python benchmarks/crbg_study.py --cells crbg,edgepopup_global --targets 0.9 --seeds 0 --num_epochs 50
     python benchmarks/crbg_study.py --datasets mnist_shifted,digits --cells crbg,edgepopup_layer,edgepopup_global --targets 0.9 --seeds 0,1,2
+    python benchmarks/crbg_study.py --datasets mnist,mnist_shifted --cells crbg_per_layer,crbg_erk,crbg_fan_in --seeds 0,1,2
+
+The allocation cells give CRBG a fixed split of the budget over the layers
+(``crbg.density_constraint``, ``slt_jax.methods.crbg``): uniform (per-layer edge-popup's), ERK, or
+``fan_in``, the split global edge-popup's initial scores U(+-1/sqrt(fan_in)) make, so the two
+methods can be compared at one allocation. ``crbg_margin*`` bound the gates (``crbg.gate_margin``).
 
 A cell is one method and recipe: CRBG (configs/mnist_lenet300_crbg.py) with one change, or
 edge-popup (configs/mnist_lenet300_edgepopup.py) per layer or with a global top-k. Every cell runs
@@ -20,7 +26,8 @@ are not used). Datasets:
 Writes OUT/results.jsonl (one row per run; a rerun skips the runs it holds, so phases add up),
 OUT/table.md (mean ± std over seeds @ achieved sparsity, one row per cell, one column per dataset,
 target and epochs) and prints the table. A row does not record the code that made it: delete the
-file after changing the code.
+file after changing the code, and OUT/runs too (a run whose workdir holds a final checkpoint
+resumes from it instead of training again).
 """
 from __future__ import annotations
 
@@ -64,6 +71,11 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "edgepopup_global_kaiming_normal": ("edgepopup", {"edgepopup.scope": "global", "weight_init": "kaiming_normal"}),
     "crbg_uniform": ("crbg", {"weight_init": "uniform"}),
     "edgepopup_global_uniform": ("edgepopup", {"edgepopup.scope": "global", "weight_init": "uniform"}),
+    "crbg_per_layer": ("crbg", {"crbg.density_constraint": "per_layer"}),
+    "crbg_erk": ("crbg", {"crbg.density_constraint": "erk"}),
+    "crbg_fan_in": ("crbg", {"crbg.density_constraint": "fan_in"}),
+    "crbg_margin0.5": ("crbg", {"crbg.gate_margin": 0.5}),
+    "crbg_margin1": ("crbg", {"crbg.gate_margin": 1.0}),
 }
 DATASETS = ("mnist", "mnist_shifted", "digits")
 

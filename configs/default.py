@@ -51,7 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.ticket_coding = "packbits"  # how ticket/mask.npz stores the mask: "packbits" or "golomb"
 
     # Each method's own hyperparameters, c.<method>, with the defaults of its dataclass (one source of truth):
-    # crbg: family, lambda_mode, lam, dual_lr, dual_kp, temp_start, temp_end, decision_weight
+    # crbg: family, lambda_mode, lam, dual_lr, dual_kp, temp_start, temp_end, decision_weight, binary_rule,
+    # density_constraint (how the budget is split over layers), gate_margin
     # (slt_jax.methods.crbg.CRBG); edgepopup and biprop: scope, momentum, weight_decay
     # (...edgepopup.EdgePopup, ...biprop.Biprop); supermask: sparsity_control ("dual": the multiplier
     # holds --config.sparsity; "none": the paper's uncontrolled masks), score_init, lam, dual_lr, dual_kp

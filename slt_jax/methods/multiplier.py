@@ -7,7 +7,9 @@ b <= d_target. lambda >= 0 is a PI controller of the violation e = b - d_target 
     I <- max(0, I + dual_lr * e),    lambda = max(0, I + dual_kp * e)
 
 ``dual_kp = 0`` is plain projected dual ascent; the proportional term lets lambda fall as soon as
-the density undershoots, instead of after the integral has unwound.
+the density undershoots, instead of after the integral has unwound. With several constraints (one
+per gated leaf, ``CRBG(density_constraint="per_layer")``) lambda, I and e are vectors and the
+controller runs elementwise.
 """
 from __future__ import annotations
 
@@ -17,10 +19,10 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def init_multiplier(lam: float) -> dict[str, Array]:
-    """``lambda`` and its controller's ``integral``, both ``lam``."""
+def init_multiplier(lam: float, shape: tuple[int, ...] = ()) -> dict[str, Array]:
+    """``lambda`` and its controller's ``integral``, both ``lam``; ``shape``: one per constraint."""
     # Two separate buffers: the train step donates its state, and one buffer cannot be donated twice.
-    return {"lambda": jnp.full((), lam, jnp.float32), "integral": jnp.full((), lam, jnp.float32)}
+    return {"lambda": jnp.full(shape, lam, jnp.float32), "integral": jnp.full(shape, lam, jnp.float32)}
 
 
 def update_multiplier(state: dict[str, Array], violation: Array, dual_lr: float, dual_kp: float) -> dict[str, Array]:
