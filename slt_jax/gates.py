@@ -157,22 +157,17 @@ def sample_gates(key: Array, logits: GateTree, temp: float | Array, *, family: s
     return jax.tree.map(lambda k, p: fam.sample(k, p, temp), leaf_keys(key, logits), logits)
 
 
-def weighted_density(per_gate: GateTree, weights: GateTree | None = None) -> Array:
-    """sum_leaf w_leaf * sum(values) / sum_leaf w_leaf * size: the mean of per-gate values in [0, 1],
-    each gate counted ``weights[leaf]`` times (e.g. the number of weights it removes; default 1).
-    ``weights`` is a tree of floats shaped like ``per_gate``."""
+def gate_mean(per_gate: GateTree) -> Array:
+    """The mean of per-gate values over every gate of the tree (for bool gates: the fraction open).
+    Counting weights instead of gates: ``slt_jax.masking.kept_fraction``."""
     values = jax.tree.leaves(per_gate)
-    w = jax.tree.leaves(weights) if weights is not None else [1.0] * len(values)
-    total = sum(wi * jnp.sum(v) for wi, v in zip(w, values))
-    return total / sum(wi * v.size for wi, v in zip(w, values))
+    return sum(jnp.sum(v) for v in values) / sum(v.size for v in values)
 
 
-def expected_density(logits: GateTree, temp: float | Array, *, family: str = "gaussian",
-                     weights: GateTree | None = None) -> Array:
-    """Mean of P(z > 0) over gates (weighted as ``weighted_density``): the expected L0 norm of the
-    gated weights divided by their number."""
+def expected_density(logits: GateTree, temp: float | Array, *, family: str = "gaussian") -> Array:
+    """Mean of P(z > 0) over gates: the expected L0 norm of the gates divided by their number."""
     fam = get_family(family)
-    return weighted_density(jax.tree.map(lambda p: fam.prob_open(p, temp), logits), weights)
+    return gate_mean(jax.tree.map(lambda p: fam.prob_open(p, temp), logits))
 
 
 def deterministic_gates(logits: GateTree, *, family: str = "gaussian") -> GateTree:

@@ -15,8 +15,12 @@ policy regexes match names. Gate arrays broadcast against their leaf:
   stays ungated).
 * input gates (``structured_inputs``): one gate per input feature / channel of a Dense or Conv
   kernel, shape (1, ..., 1, in, 1): a closed gate removes the feature's outgoing weights (a row
-  of the kernel), e.g. a pixel on the first layer, or a hidden unit seen from the layer after it,
-  as in h = z * act(W h_prev). The bias is not gated by them.
+  of the kernel), e.g. a pixel on the first layer. Where the feature is a unit of the layer
+  before, named as Flax names a sequence of layers (the gate on ``Dense_k`` feeds back to
+  ``Dense_{k-1}``, ``Conv_k`` to ``Conv_{k-1}``, in one scope, widths equal, the earlier kernel
+  gated), the gate closes that unit whole, as in h = z * act(W h_prev): its row here, and its
+  column and bias there (multiplied into that layer's own mask), so that the mask counts every
+  weight the closed unit takes with it.
 
 Models never see gates: ``apply_masks(params, masks)`` returns an ordinary parameter tree that
 goes straight into ``model.apply``. Every function here is jit-safe except ``sparsity_report``.
@@ -133,11 +137,35 @@ def _bias_partner(name: str, masks: dict[str, Array], leaves: dict[str, Array]) 
     return gate.reshape(gate.shape[lead:])
 
 
+_SEQUENTIAL = re.compile(r"^(.*?)(Dense|Conv)_(\d+)/kernel$")
+
+
+def _unit_links(named: dict[str, Array], leaves: dict[str, Array]) -> dict[str, Array]:
+    """Producer kernel name -> the consumer's input gates as one gate per producer output unit
+    (a 1-D array): the links the module docstring describes."""
+    links = {}
+    for name, gate in named.items():
+        shape, found = np.shape(leaves[name]), _SEQUENTIAL.match(name)
+        if not found or int(found[3]) == 0 or np.ndim(gate) != len(shape) or len(shape) < 2:
+            continue
+        if gate.shape[-1] != 1 or shape[-1] == 1 or any(n != 1 for n in gate.shape[:-2]):
+            continue  # not an input gate
+        producer = f"{found[1]}{found[2]}_{int(found[3]) - 1}/kernel"
+        if producer in named and np.shape(leaves[producer])[-1] == gate.shape[-2] > 1:
+            links[producer] = gate.reshape(-1)
+    return links
+
+
 def _leaf_masks_by_name(params: Params, masks: GateTree) -> dict[str, Array]:
     leaves, named = named_leaves(params), named_leaves(masks)
+    links = _unit_links(named, leaves)
     out = {}
     for name in leaves:
         m = named[name] if name in named else _bias_partner(name, named, leaves)
+        kernel = name[: -len("bias")] + "kernel" if name.endswith("bias") else name
+        if kernel in links and (m is not None or name != kernel):
+            link = links[kernel]  # the unit's gate, on the last axis (a kernel's outputs, a bias)
+            m = link if m is None else m * link.reshape((1,) * (np.ndim(m) - 1) + link.shape)
         if m is not None:
             out[name] = m
     return out
@@ -147,6 +175,19 @@ def leaf_masks(params: Params, masks: GateTree) -> Any:
     """Every leaf's mask, shaped like ``params``: its own gate, its kernel's structured gate (the
     bias of a gated unit), or None. Each mask broadcasts against its leaf."""
     return _like_params(params, _leaf_masks_by_name(params, masks))
+
+
+def kept_fraction(params: Params, per_gate: GateTree) -> Array:
+    """sum over gated weights of their mask value / their number, with ``per_gate`` a tree of
+    values in [0, 1] shaped like the gates: the binary ticket's density for bool gates, the
+    expected density E[L0] / n for P(z > 0) of independent gates (a weight two gates touch keeps
+    the product). Counts weights as the harness and the verifier do (``leaf_masks``); jit-safe."""
+    leaves = named_leaves(params)
+    kept, total = 0.0, 0
+    for name, m in _leaf_masks_by_name(params, jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), per_gate)).items():
+        size = math.prod(np.shape(leaves[name]))
+        kept, total = kept + jnp.sum(m) * (size // m.size), total + size
+    return kept / total
 
 
 def weights_per_gate(params: Params, shapes: Any) -> Any:

@@ -124,7 +124,7 @@ class Run:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.method = create_method(config, num_steps=self.num_steps, warmup_steps=self.warmup_steps,
-                                    weights_per_gate=masking.weights_per_gate(frozen_shapes, self.shapes))
+                                    param_shapes=frozen_shapes)
         self.optimizer = self.method.optimizer()
         self.loss = classification_loss(config.label_smoothing, config.logit_scale)
         self.eval_fn = make_eval_fn(self.model.apply, {"train": False})

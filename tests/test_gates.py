@@ -85,15 +85,6 @@ def test_expected_density_is_mean_over_all_gates():
     assert gates.gate_count(tree) == 14
 
 
-def test_expected_density_weights_count_each_leaf_by_its_weight():
-    tree = {"a": {"kernel": jnp.full((3, 4), 0.4), "bias": None}, "b": {"kernel": jnp.full((2,), -0.2)}}
-    weights = {"a": {"kernel": 1.0, "bias": None}, "b": {"kernel": 5.0}}
-    fam = gates.get_family("gaussian")
-    pa, pb = fam.prob_open(jnp.float32(0.4), 0.5), fam.prob_open(jnp.float32(-0.2), 0.5)
-    expected = (12 * pa + 5 * 2 * pb) / (12 + 5 * 2)
-    np.testing.assert_allclose(gates.expected_density(tree, 0.5, weights=weights), expected, rtol=1e-6)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deterministic_gate_and_binary_rule(family):
     p = jnp.linspace(-3.0, 3.0, 61)

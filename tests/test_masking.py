@@ -102,6 +102,30 @@ def test_input_gates_close_rows_and_leave_the_bias_alone():
         masking.gate_shapes(params, structured=True, structured_inputs=r"^Dense_9/")
 
 
+def test_an_input_gate_closes_the_unit_it_reads_whole_and_the_count_follows():
+    params = _with_random_biases(_params("digits_mlp", (8, 8, 1), use_bias=True))
+    leaves = masking.named_leaves(params)
+    shapes = masking.gate_shapes(params, structured=True, structured_inputs=r"^Dense_[01]/kernel$",
+                                 structured_policy=r"^Dense_0/")  # Dense_2 keeps one gate per weight
+    gates = _full(shapes, True, bool)
+    gates["Dense_1"]["kernel"] = gates["Dense_1"]["kernel"].at[3, 0].set(False)  # unit 3 of Dense_0
+    masked = masking.apply_masks(params, gates)
+    assert not np.any(masked["Dense_1"]["kernel"][3]) and np.all(masked["Dense_1"]["kernel"][4] == leaves["Dense_1/kernel"][4])
+    assert not np.any(masked["Dense_0"]["kernel"][:, 3]) and masked["Dense_0"]["bias"][3] == 0
+    np.testing.assert_array_equal(np.delete(masked["Dense_0"]["bias"], 3), np.delete(leaves["Dense_0/bias"], 3))
+    report = masking.sparsity_report(params, gates)
+    closed = leaves["Dense_0/kernel"].shape[0] + 1 + leaves["Dense_1/kernel"].shape[1]  # column, bias, row
+    assert round(report["sparsity"] * report["gated_weights"]) == closed
+    assert float(masking.kept_fraction(params, gates)) == pytest.approx(1 - report["sparsity"], abs=1e-7)
+    # With probabilities the count is the expectation: a weight two gates touch keeps the product.
+    probs = jax.tree.map(lambda s: jax.random.uniform(jax.random.PRNGKey(s.size), s.shape), shapes)
+    p_pixel, p_unit = np.asarray(probs["Dense_0"]["kernel"])[:, 0], np.asarray(probs["Dense_1"]["kernel"])[:, 0]
+    kept = (np.outer(p_pixel, p_unit).sum() + p_unit.sum()  # Dense_0: kernel and bias
+            + p_unit.sum() * leaves["Dense_1/kernel"].shape[1] + np.asarray(probs["Dense_2"]["kernel"]).sum())
+    total = sum(np.size(leaves[n]) for n in ("Dense_0/kernel", "Dense_0/bias", "Dense_1/kernel", "Dense_2/kernel"))
+    assert float(masking.kept_fraction(params, probs)) == pytest.approx(kept / total, rel=1e-5)
+
+
 def test_policy_selects_leaves_and_rejects_a_policy_matching_nothing():
     params = _params("digits_mlp", (8, 8, 1))
     shapes = masking.gate_shapes(params, policy=r"^Dense_1/")

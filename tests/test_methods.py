@@ -242,11 +242,12 @@ def test_crbg_fixed_lambda_stays_and_its_penalty_gradient_is_the_closed_form():
         np.testing.assert_allclose(grad[name]["kernel"], expected, rtol=1e-4, atol=1e-12)
 
 
-def test_crbg_weights_per_gate_make_densities_count_weights():
-    # Two leaves: one gate per weight (weight 1) and unit gates each removing 100 weights.
+def test_crbg_param_shapes_make_densities_count_weights():
+    # Two leaves: one gate per weight and unit gates each removing 100 weights.
     tree = {"a": {"kernel": jnp.full((10, 10), 0.9), "bias": None}, "b": {"kernel": jnp.full((1, 10), -0.9)}}
-    weights = {"a": {"kernel": 1.0, "bias": None}, "b": {"kernel": 100.0}}
-    counted = CRBG(num_steps=10, weights_per_gate=weights)
+    params = {"a": {"kernel": jax.ShapeDtypeStruct((10, 10), jnp.float32), "bias": jax.ShapeDtypeStruct((10,), jnp.float32)},
+              "b": {"kernel": jax.ShapeDtypeStruct((100, 10), jnp.float32)}}
+    counted = CRBG(num_steps=10, param_shapes=params)
     _, aux = counted.penalty(tree, counted.init_state(), 0)
     assert float(aux["binary_density"]) == pytest.approx(100 / (100 + 1000))  # weights kept / gated weights
     plain = CRBG(num_steps=10)
@@ -291,7 +292,7 @@ def test_the_dataclass_defaults_are_the_configs_defaults():
     for name, cls in (("crbg", CRBG), ("edgepopup", EdgePopup)):
         assert c[name].to_dict() == method_hyperparameters(name)
         fields = {f.name for f in dataclasses.fields(cls) if f.name not in
-                  ("num_steps", "sparsity", "learning_rate", "lr_schedule", "warmup_steps", "weights_per_gate", "name")}
+                  ("num_steps", "sparsity", "learning_rate", "lr_schedule", "warmup_steps", "param_shapes", "name")}
         assert set(c[name].to_dict()) == fields
         made = create_method(_config(name), num_steps=123)
         assert type(made) is cls
@@ -307,14 +308,14 @@ def test_create_method_passes_the_configs_overrides():
     c = _config("crbg", learning_rate=0.2, lr_schedule="cosine", sparsity=0.7)
     c.crbg.dual_kp = 3.0
     c.crbg.family = "hard_concrete"
-    weights = {"Dense_0": {"kernel": 2.0}}
-    made = create_method(c, num_steps=50, warmup_steps=5, weights_per_gate=weights)
+    weights = {"Dense_0": {"kernel": jax.ShapeDtypeStruct((3, 2), jnp.float32)}}
+    made = create_method(c, num_steps=50, warmup_steps=5, param_shapes=weights)
     assert made == CRBG(num_steps=50, sparsity=0.7, learning_rate=0.2, lr_schedule="cosine", warmup_steps=5,
                         dual_kp=3.0, family="hard_concrete")
-    assert made.weights_per_gate is weights
+    assert made.param_shapes is weights
     c = _config("edgepopup", sparsity=0.6)
     c.edgepopup.scope = "global"
-    assert create_method(c, num_steps=9, weights_per_gate=weights) == EdgePopup(num_steps=9, sparsity=0.6,
+    assert create_method(c, num_steps=9, param_shapes=weights) == EdgePopup(num_steps=9, sparsity=0.6,
                                                                                    scope="global")
 
 

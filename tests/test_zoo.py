@@ -71,7 +71,7 @@ def test_config_builds_its_full_size_model_and_method(name):
     shapes = masking.gate_shapes(variables["params"], c.gate_policy, c.structured)
     assert set(masking.named_leaves(shapes)) == {k for k in masking.named_leaves(variables["params"])
                                                   if k.endswith("kernel")}
-    create_method(c, num_steps=10, weights_per_gate=masking.weights_per_gate(variables["params"], shapes)).optimizer()
+    create_method(c, num_steps=10, param_shapes=variables["params"]).optimizer()
 
 
 @pytest.mark.parametrize("model,shape,kernels", [("resnet50_imagenet", (224, 224, 3), 25_502_912),

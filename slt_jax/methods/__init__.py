@@ -79,7 +79,7 @@ class Method(Protocol):
 METHODS: dict[str, type] = {"crbg": CRBG, "edgepopup": EdgePopup, "supermask": Supermask, "biprop": Biprop,
                              "iterand": IteRand}
 # Fields the harness sets itself; the rest of each dataclass's fields are its config sub-dict.
-_HARNESS_FIELDS = ("num_steps", "sparsity", "learning_rate", "lr_schedule", "warmup_steps", "weights_per_gate", "name")
+_HARNESS_FIELDS = ("num_steps", "sparsity", "learning_rate", "lr_schedule", "warmup_steps", "param_shapes", "name")
 
 
 def method_hyperparameters(name: str) -> dict[str, Any]:
@@ -87,11 +87,11 @@ def method_hyperparameters(name: str) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(METHODS[name]) if f.name not in _HARNESS_FIELDS}
 
 
-def create_method(config: Any, *, num_steps: int, warmup_steps: int = 0, weights_per_gate: Any = None) -> Method:
+def create_method(config: Any, *, num_steps: int, warmup_steps: int = 0, param_shapes: Any = None) -> Method:
     """Builds the method named ``config.method`` from a run config and the resolved step counts.
 
     ``config.learning_rate`` / ``config.lr_schedule`` of None mean the method's default.
-    ``weights_per_gate`` (``slt_jax.masking.weights_per_gate``) lets CRBG's densities count
+    ``param_shapes`` (the gated model's parameters, or their shapes) lets CRBG's densities count
     weights rather than gates; edge-popup's per-leaf top-k needs no such weighting.
     """
     if config.method not in METHODS:
@@ -101,8 +101,8 @@ def create_method(config: Any, *, num_steps: int, warmup_steps: int = 0, weights
     for key in ("learning_rate", "lr_schedule"):
         if config.get(key) is not None:
             kwargs[key] = config[key]
-    if "weights_per_gate" in {f.name for f in dataclasses.fields(cls)}:
-        kwargs["weights_per_gate"] = weights_per_gate
+    if "param_shapes" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["param_shapes"] = param_shapes
     return cls(num_steps=num_steps, sparsity=config.sparsity, warmup_steps=warmup_steps, **kwargs)
 
 

@@ -4,8 +4,10 @@ Loss, with d = mean over gates of P(z > 0) (the expected density, see ``slt_jax.
 
     L = CE(f(x; W0 * z)) + lambda * (d - d_target) + beta_t * mean g (1 - g)
 
-Densities count weights: a gate weighs as many weights as it removes (``weights_per_gate``; 1
-per gate unstructured, a unit's fan-in structured), so ``sparsity`` means the fraction of gated
+Densities count weights (given ``param_shapes``), as the ticket and the verifier count them
+(``slt_jax.masking.kept_fraction``): one gate per weight counts 1, a unit's gate its fan-in and
+bias, an input gate its row (and the column of the unit it closes), and a weight two gates touch
+is kept with probability the product of theirs, so ``sparsity`` means the fraction of gated
 weights removed either way.
 
 * ``lambda_mode="dual"``: the ticket's density b (the fraction of weights the binary rule keeps)
@@ -27,7 +29,7 @@ weights removed either way.
   gated leaves (counting gates, so meant for one gate per weight), which hits the target exactly.
   The multiplier answers to the threshold rule's density either way.
 * How the budget is spread over the gated leaves (``density_constraint``). Leaf l holds n_l gated
-  weights (its gates times ``weights_per_gate``), a share s_l = n_l / sum_k n_k; d_l and b_l are
+  weights (``slt_jax.masking.weights_per_gate`` times its gates), a share s_l = n_l / sum_k n_k; d_l and b_l are
   its expected and binary densities, so d = sum_l s_l d_l and b = sum_l s_l b_l.
 
   - ``"global"``: the one constraint b <= d_target above; the split over leaves is learnt.
@@ -139,8 +141,8 @@ class CRBG:
     """CRBG over a gate tree of mu (Gaussian family) or logits; see the module docstring.
 
     ``num_steps`` sets the temperature anneal, the decision term's ramp and the learning-rate
-    schedule. ``weights_per_gate`` (``slt_jax.masking.weights_per_gate``, shaped like the gates)
-    makes densities count weights for structured gates; None counts gates.
+    schedule. ``param_shapes``, the gated model's parameters (arrays or ``jax.ShapeDtypeStruct``s),
+    makes densities count weights (``slt_jax.masking.kept_fraction``); None counts gates.
     """
 
     num_steps: int
@@ -159,7 +161,7 @@ class CRBG:
     learning_rate: float = 0.05
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    weights_per_gate: Any = dataclasses.field(default=None, compare=False)
+    param_shapes: Any = dataclasses.field(default=None, compare=False)
     name: str = "crbg"
     ticket_weights: ClassVar[str | None] = None  # the ticket computes with the frozen weights themselves
 
@@ -205,12 +207,19 @@ class CRBG:
         target densities t_l."""
         named = masking.named_leaves(gates)
         names = sorted(named)
-        per_gate = (dict.fromkeys(names, 1.0) if self.weights_per_gate is None
-                    else masking.named_leaves(self.weights_per_gate))
+        per_gate = (dict.fromkeys(names, 1.0) if self.param_shapes is None
+                    else masking.named_leaves(masking.weights_per_gate(self.param_shapes, gates)))
         counts = [per_gate[name] * named[name].size for name in names]
         shapes = [tuple(named[name].shape) for name in names]
         targets = leaf_targets(shapes, counts, 1.0 - self.sparsity, self.density_constraint)
         return names, np.asarray(counts) / sum(counts), targets
+
+    def density(self, per_gate: GateTree) -> Array:
+        """The fraction of gated weights kept, for per-gate values in [0, 1] (bool gates: the ticket's
+        density; P(z > 0): the expected density)."""
+        if self.param_shapes is None:
+            return gates_lib.gate_mean(per_gate)
+        return masking.kept_fraction(self.param_shapes, per_gate)
 
     def train_masks(self, gates: GateTree, key: Array, step: Array) -> GateTree:
         """One noisy gate sample z in [0, 1] per gate (differentiable w.r.t. the gates)."""
@@ -226,9 +235,9 @@ class CRBG:
         logs = {"indecision": indecision, "temp": self.temp(step)}
         binary_masks = gates_lib.binary_mask(gates, family=self.family)
         if self.density_constraint == "global":
-            density = gates_lib.expected_density(gates, self.temp(step), family=self.family,
-                                                 weights=self.weights_per_gate)
-            binary = gates_lib.weighted_density(binary_masks, self.weights_per_gate)
+            prob_open = gates_lib.get_family(self.family).prob_open
+            density = self.density(jax.tree.map(lambda g: prob_open(g, self.temp(step)), gates))
+            binary = self.density(binary_masks)
             return state["lambda"] * (density - (1.0 - self.sparsity)) + decision, {
                 "expected_density": density, "binary_density": binary, "lambda": state["lambda"], **logs}
         names, shares, targets = self.leaf_budget(gates)

@@ -79,8 +79,8 @@ class Supermask:
 
     def penalty(self, gates: GateTree, state: dict[str, Array], step: Array) -> tuple[Array, dict[str, Array]]:
         """``lambda (mean sigmoid(s) - d_target)`` with ``"dual"``; 0 with ``"none"``."""
-        density = gates_lib.weighted_density(jax.tree.map(jax.nn.sigmoid, gates))
-        binary = gates_lib.weighted_density(self.binary_masks(gates))
+        density = gates_lib.gate_mean(jax.tree.map(jax.nn.sigmoid, gates))
+        binary = gates_lib.gate_mean(self.binary_masks(gates))
         aux = {"expected_density": density, "binary_density": binary, "lambda": state["lambda"]}
         if self.sparsity_control == "none":
             return jnp.zeros(()), aux
