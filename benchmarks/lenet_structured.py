@@ -2,19 +2,20 @@
 
     python benchmarks/lenet_structured.py --recipes units,pixels_units --targets 0.8 --seeds 0
     python benchmarks/lenet_structured.py --recipes all --targets 0.8 --seeds 0 --num_epochs 10
+    python benchmarks/lenet_structured.py --recipes pixels_units_wide_lr0.02 --seeds 0,1,2 --num_epochs 20  # the config
 
 A recipe is configs/mnist_lenet300_crbg.py with ``structured=True`` and some keys changed (``RECIPES``;
-``pixels_units_x4_lr0.02`` is configs/mnist_lenet300_crbg_structured.py at 10 epochs); every
+``pixels_units_wide_lr0.02`` at 20 epochs is configs/mnist_lenet300_crbg_structured.py); every
 run has the same data (../shared/data/mnist_train.npz, validation carved from it; the test set is
 withheld), loss, batch, epochs and seed. Each row reports the binary ticket's validation accuracy
 and two sparsities over the gated weights (the kernels of the network actually built):
 
 * ``sparsity``: the fraction the mask closes, as the harness and ``verify_ticket.py`` count it;
 * ``compact_sparsity``: 1 - the kernel weights of the compacted dense network
-  (``slt_jax.compaction``) over those of the network built. Closing a hidden unit's input gate on
-  the next layer (h = z * relu(W h_prev)) also kills its incoming weights, which the mask does not
-  close, so this is the larger; ``widths`` is the compacted network (inputs-hidden-...-classes),
-  beside 784-300-100-10.
+  (``slt_jax.compaction``) over those of the network built; ``widths`` is the compacted network
+  (inputs-hidden-...-classes), beside 784-300-100-10. An input gate closes the unit it reads
+  whole (``slt_jax.masking``), so the two agree but for what compaction also finds dead (a unit
+  whose every input is closed) or keeps (closed classifier weights stay as zeros).
 
 Writes OUT/results.jsonl (a rerun skips the rows it holds) and OUT/table.md. A row does not record
 the code that made it: delete the file after changing the code.

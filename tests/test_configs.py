@@ -18,7 +18,7 @@ def test_config_validates(name):
 
 def test_structured_lenet_config_is_the_benchmarks_winning_recipe():
     config = importlib.import_module("configs.mnist_lenet300_crbg_structured").get_config()
-    recipe = lenet_structured.recipe_config("pixels_units_x4_lr0.02", config.sparsity, config.seed, config.num_epochs)
+    recipe = lenet_structured.recipe_config("pixels_units_wide_lr0.02", config.sparsity, config.seed, config.num_epochs)
     for key in ("progress", "plots", "checkpoint_every"):  # the benchmark's own bookkeeping
         recipe[key] = config[key]
     assert recipe.to_dict() == config.to_dict()
