@@ -67,6 +67,7 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "crbg_decision3": ("crbg", {"crbg.decision_weight": 3.0}),
     "crbg_dual_ascent": ("crbg", {"crbg.dual_kp": 0.0}),
     "crbg_hard_concrete": ("crbg", {"crbg.family": "hard_concrete"}),
+    "crbg_straight_through": ("crbg", {"crbg.family": "gaussian_st"}),
     "crbg_kaiming_normal": ("crbg", {"weight_init": "kaiming_normal"}),
     "edgepopup_global_kaiming_normal": ("edgepopup", {"edgepopup.scope": "global", "weight_init": "kaiming_normal"}),
     "crbg_uniform": ("crbg", {"weight_init": "uniform"}),

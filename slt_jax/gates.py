@@ -3,7 +3,7 @@
 Every family is the same four pure functions over a gate-parameter array ``p``:
 
 * ``sample(key, p, temp)``: a differentiable training sample ``z`` in [0, 1]; gradients reach ``p``
-  by reparameterisation, never by a straight-through estimator.
+  by reparameterisation (``gaussian_st``: and straight through the clip).
 * ``prob_open(p, temp)``: P(z > 0), the expected L0 norm contribution of one gate.
 * ``test_gate(p)``: the deterministic gate in [0, 1] once noise is dropped.
 * the binary rule, shared by all families: keep a weight iff ``test_gate(p) > 0.5``.
@@ -14,6 +14,10 @@ Families
 
     z = clip(mu + sigma * eps, 0, 1),  eps ~ N(0, 1)
     P(z > 0) = Phi(mu / sigma),        test gate = clip(mu, 0, 1)
+
+``gaussian_st``: ``gaussian`` whose clip passes the gradient straight through (dz/dmu = 1
+everywhere, as edge-popup's top-k passes it to pruned weights), so the data loss still reaches a
+gate whose sample is 0; the forward pass, P(z > 0) and the test gate are ``gaussian``'s.
 
 ``hard_concrete`` (Louizos et al. 2018; ``temp`` is beta, gamma = -0.1, zeta = 1.1)::
 
@@ -67,6 +71,10 @@ def _clip01(x: Array) -> Array:
     return jax.lax.clamp(jnp.zeros((), x.dtype), x, jnp.ones((), x.dtype))
 
 
+def _clip01_straight_through(x: Array) -> Array:
+    return x + jax.lax.stop_gradient(_clip01(x) - x)
+
+
 def _uniform(key: Array, shape: tuple[int, ...]) -> Array:
     # Keep u away from 0 and 1 so log u and log(1 - u) stay finite.
     return threefry.uniform(key, shape, minval=1e-6, maxval=1.0 - 1e-6)
@@ -83,6 +91,13 @@ def _gaussian() -> GateFamily:
         prob_open=lambda mu, sigma: 0.5 + 0.5 * jax.lax.erf(mu / (sigma * np.sqrt(2))),
         test_gate=_clip01,
     )
+
+
+def _gaussian_straight_through() -> GateFamily:
+    gaussian = _gaussian()
+    return dataclasses.replace(
+        gaussian, name="gaussian_st",
+        sample=lambda key, mu, sigma: _clip01_straight_through(mu + sigma * threefry.normal(key, mu.shape)))
 
 
 def _hard_concrete() -> GateFamily:
@@ -115,7 +130,8 @@ def _concrete() -> GateFamily:
     )
 
 
-FAMILIES: dict[str, GateFamily] = {f.name: f for f in (_gaussian(), _hard_concrete(), _concrete())}
+FAMILIES: dict[str, GateFamily] = {f.name: f for f in (_gaussian(), _gaussian_straight_through(), _hard_concrete(),
+                                                         _concrete())}
 
 
 def get_family(name: str) -> GateFamily:

@@ -355,3 +355,18 @@ def test_unknown_family_names_the_allowed_ones(call):
 def test_family_is_keyword_only(call):
     with pytest.raises(TypeError):
         call()
+
+
+def test_straight_through_gaussian_samples_as_gaussian_and_passes_the_gradient_through_the_clip():
+    mu = jnp.linspace(-2.0, 3.0, 101)
+    key = jax.random.PRNGKey(3)
+    plain, st = gates.get_family("gaussian"), gates.get_family("gaussian_st")
+    np.testing.assert_array_equal(st.sample(key, mu, 0.5), plain.sample(key, mu, 0.5))
+    z = np.asarray(plain.sample(key, mu, 0.5))
+    grad_plain = np.asarray(jax.grad(lambda m: jnp.sum(plain.sample(key, m, 0.5)))(mu))
+    grad_st = np.asarray(jax.grad(lambda m: jnp.sum(st.sample(key, m, 0.5)))(mu))
+    clipped = (z == 0) | (z == 1)
+    assert clipped.any() and (~clipped).any()
+    assert (grad_plain[clipped] == 0).all() and (grad_st == 1).all()
+    np.testing.assert_array_equal(st.prob_open(mu, 0.5), plain.prob_open(mu, 0.5))
+    np.testing.assert_array_equal(st.test_gate(mu), plain.test_gate(mu))
