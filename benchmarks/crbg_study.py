@@ -68,6 +68,10 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "crbg_dual_ascent": ("crbg", {"crbg.dual_kp": 0.0}),
     "crbg_hard_concrete": ("crbg", {"crbg.family": "hard_concrete"}),
     "crbg_straight_through": ("crbg", {"crbg.family": "gaussian_st"}),
+    # Straight-through combined with the screen's other single changes.
+    "crbg_st_lr0.02": ("crbg", {"crbg.family": "gaussian_st", "learning_rate": 0.02}),
+    "crbg_st_rank": ("crbg", {"crbg.family": "gaussian_st", "crbg.binary_rule": "rank"}),
+    "crbg_st_fan_in": ("crbg", {"crbg.family": "gaussian_st", "crbg.density_constraint": "fan_in"}),
     "crbg_kaiming_normal": ("crbg", {"weight_init": "kaiming_normal"}),
     "edgepopup_global_kaiming_normal": ("edgepopup", {"edgepopup.scope": "global", "weight_init": "kaiming_normal"}),
     "crbg_uniform": ("crbg", {"weight_init": "uniform"}),
