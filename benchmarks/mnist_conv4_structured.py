@@ -12,7 +12,8 @@ harness (``slt_jax.train.train_and_evaluate``, run.py's path, into OUT/runs/VARI
 * ``crbg``: configs/mnist_zoo.py's Conv4 CRBG, one gate per weight;
 * ``edgepopup``: configs/mnist_zoo.py's Conv4 edge-popup (SGD 0.1 cosine, per-layer top-k);
 * ``crbg_structured_units`` (not run by default): the structured config with a gate per unit on
-  Dense_0 as well (every hidden layer structured), the recipe the config's was chosen against.
+  Dense_0 as well (every hidden layer structured), the recipe the config's was chosen against;
+* ``crbg_structured_st`` (not run by default): the structured config with ``gaussian_st`` gates.
 
 All get the same data (../shared/data/mnist_train.npz; the binary ticket's accuracy on the
 validation split carved from it, the test set is withheld), seed, batch 128 and budget (1 epoch,
@@ -63,6 +64,13 @@ from configs import mnist_conv4_crbg_structured as structured  # noqa: E402
 from configs import mnist_zoo  # noqa: E402
 
 
+def _straight_through() -> ml_collections.ConfigDict:
+    """The structured config with gaussian_st gates (the clip passes the gradient straight through)."""
+    config = structured.get_config()
+    config.crbg.family = "gaussian_st"
+    return config
+
+
 def _units_everywhere() -> ml_collections.ConfigDict:
     """The structured config with Dense_0 gated per unit too: every hidden layer structured."""
     config = structured.get_config()
@@ -76,10 +84,12 @@ VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     "crbg": lambda: mnist_zoo.get_config("conv4,crbg"),
     "edgepopup": lambda: mnist_zoo.get_config("conv4,edgepopup"),
     "crbg_structured_units": _units_everywhere,
+    "crbg_structured_st": _straight_through,
 }
 DEFAULT_VARIANTS = ("crbg_structured", "crbg", "edgepopup")
 NAMES = {"crbg_structured": "CRBG, channels (Dense_0 ungated)", "crbg": "CRBG, per weight",
-         "edgepopup": "edge-popup, per layer", "crbg_structured_units": "CRBG, channels and units"}
+         "edgepopup": "edge-popup, per layer", "crbg_structured_units": "CRBG, channels and units",
+         "crbg_structured_st": "CRBG, channels, straight-through"}
 # compact_ticket's multiple: 1 deletes every closed channel; 4 and 8 keep closed ones back up to a multiple of it.
 MULTIPLES = (1, 4, 8)
 MULTIPLE_NAMES = " / ".join(f"m={m}" for m in MULTIPLES)
