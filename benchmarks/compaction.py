@@ -3,9 +3,9 @@
     python run.py --config configs/mnist_lenet300_crbg_structured.py --workdir runs/mnist_crbg_structured
     python benchmarks/compaction.py runs/mnist_crbg_structured/ticket [--batch 1000] [--reps 50] [--multiple 1] [--json]
 
-Any ticket ``slt_jax.compaction`` compiles: the MLPs, Conv2-Conv8 and ResNet-18 (``resnet18``,
+Any ticket ``slt_jax.compaction`` compiles: the MLPs, Conv2-Conv8, ResNet-18 (``resnet18``,
 ``resnet18_imagenet``; a ResNet pass at batch 1000 takes a second or more on a CPU, so pass a
-small ``--reps``). Times the jitted forward pass of the masked model (full shapes, zeros in place;
+small ``--reps``) and the ViTs (heads and MLP units). Times the jitted forward pass of the masked model (full shapes, zeros in place;
 BatchNorm on the ticket's running statistics) and of the compact model (pruned units deleted),
 interleaved, on the same random inputs, checks their logits agree, and reports the
 multiply-accumulate and parameter counts of both and the compact model's widths. XLA's CPU

@@ -34,8 +34,17 @@ either sign. Hence:
   every conv that adds into it but with a negative (or NaN) mean in one of their norms is a
   constant c > 0 there, carried on by the identity shortcuts.
 
-Supported: the MLPs (``digits_mlp``, ``lenet300``), ``conv2``..``conv8``, ``resnet18`` and
-``resnet18_imagenet``.
+ViTs (``vit_tiny``, ``vit_small``, ``vit_base``; heads gated as ``slt_jax.masking`` does): a head
+whose value projection is closed (kernel and bias) attends to zeros, and one whose slice of the
+output projection is closed passes nothing on, so either is deleted from all four projections;
+a closed query or key alone leaves uniform attention over the values, and the head stays. An MLP
+unit goes when its first-layer column and bias are closed (gelu(0) = 0) or its second-layer row
+is. The residual stream keeps its width: the LayerNorms average over every channel, zeros
+included. A block keeps at least one head (deleting the last would leave no attention module for
+the output projection's bias); its output is exactly 0 all the same.
+
+Supported: the MLPs (``digits_mlp``, ``lenet300``), ``conv2``..``conv8``, ``resnet18``,
+``resnet18_imagenet`` and the ViTs.
 """
 from __future__ import annotations
 
@@ -49,11 +58,13 @@ import numpy as np
 
 from slt_jax.models.convnets import ConvNet
 from slt_jax.models.mlp import MLP
+from slt_jax.models import create_model
 from slt_jax.models.resnet import RESNETS
+from slt_jax.models.vit import VITS
 
 FEEDFORWARD = ("digits_mlp", "lenet300", "conv2", "conv4", "conv6", "conv8")
 COMPACT_RESNETS = ("resnet18", "resnet18_imagenet")
-COMPACTABLE = FEEDFORWARD + COMPACT_RESNETS
+COMPACTABLE = FEEDFORWARD + COMPACT_RESNETS + tuple(VITS)
 BN_EPSILON = 1e-5  # slt_jax.models.resnet's BatchNorm epsilon: the compact ResNet normalises as it does
 # Compact models are only applied to the params compaction makes; a zeros init (unlike a fan-scaled one)
 # also initialises a layer that lost every unit, whose kernel has a 0-sized axis.
@@ -97,6 +108,8 @@ def compact_ticket(ticket, multiple: int = 1) -> tuple[nn.Module, dict[str, Any]
     params = jax.tree.map(np.asarray, ticket.masked_params())
     if spec["name"] in COMPACT_RESNETS:
         return _compact_resnet(spec, params, jax.tree.map(np.asarray, ticket.model_state()["batch_stats"]), multiple)
+    if spec["name"] in VITS:
+        return _compact_vit(spec, params, multiple)
     return _compact_feedforward(spec, params, multiple)
 
 
@@ -331,9 +344,48 @@ def _compact_resnet(spec: dict[str, Any], params: dict[str, Any],
     return module, {"params": new_params, "batch_stats": new_stats}
 
 
+# --- ViTs --------------------------------------------------------------------------------------
+
+
+def _closed(layer: dict[str, np.ndarray], axis: int) -> np.ndarray:
+    """Entries of ``axis`` whose kernel slice (and bias slice, if any) is all zeros."""
+    kernel = layer["kernel"]
+    closed = ~np.any(kernel != 0, axis=tuple(a for a in range(kernel.ndim) if a != axis))
+    if "bias" in layer and layer["bias"].ndim == kernel.ndim - 1:  # query/key/value: (heads, head_dim)
+        closed &= ~np.any(layer["bias"] != 0, axis=tuple(range(1, layer["bias"].ndim)))
+    return closed
+
+
+def _compact_vit_block(p: dict[str, Any], multiple: int) -> tuple[tuple[int, int], dict[str, Any]]:
+    attention = p["attention"]
+    keep_heads = ~(_closed(attention["value"], 1) | _closed(attention["out"], 0))
+    if not keep_heads.any():
+        keep_heads[0] = True
+    mlp_in, mlp_out = p["Dense_0"], p["Dense_1"]
+    keep_units = _aligned(_live(mlp_in) & np.any(mlp_out["kernel"] != 0, axis=1), multiple)
+    new_attention = {name: {k: v[keep_heads] if k == "bias" else v[:, keep_heads] for k, v in attention[name].items()}
+                     for name in ("query", "key", "value")}
+    new_attention["out"] = {k: v[keep_heads] if k == "kernel" else v for k, v in attention["out"].items()}
+    new = {"attention": new_attention,
+           "Dense_0": {k: v[..., keep_units] for k, v in mlp_in.items()},
+           "Dense_1": {k: v[keep_units] if k == "kernel" else v for k, v in mlp_out.items()}}
+    return (int(keep_heads.sum()), int(keep_units.sum())), new
+
+
+def _compact_vit(spec: dict[str, Any], params: dict[str, Any], multiple: int) -> tuple[nn.Module, dict[str, Any]]:
+    blocks = _layers(params, "block")
+    new, widths = dict(params), []
+    for b in blocks:
+        w, new[b] = _compact_vit_block(params[b], multiple)
+        widths.append(w)
+    return create_model(spec).clone(block_widths=tuple(widths), kernel_init=PLACEHOLDER_INIT), {"params": new}
+
+
 def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass on one example: for every Dense and Conv call, its
-    output elements (per example) times the inputs each sums (its fan-in). Found by tracing
+    """Multiply-accumulates of one forward pass on one example: for every Dense, DenseGeneral and
+    Conv call, its output elements (per example) times the inputs each sums (its fan-in), and for
+    every Flax attention call its two products (queries x keys, weights x values: 2 * tokens^2 *
+    heads * head_dim; Swin's window attention computes its own and is not counted). Found by tracing
     ``module.init`` on shapes only; nothing is computed. A compact ResNet's ``folded`` conv runs on
     one all-ones image per batch, so counting it per example overstates the compact model."""
     total = 0
@@ -342,11 +394,18 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
         nonlocal total
         out = next_fun(*args, **kwargs)
         layer = context.module
-        if context.method_name == "__call__" and isinstance(layer, (nn.Dense, nn.Conv)):
+        if context.method_name != "__call__":
+            return out
+        if isinstance(layer, (nn.Dense, nn.Conv, nn.DenseGeneral)):
             fan_in = args[0].shape[-1]
             if isinstance(layer, nn.Conv):
                 fan_in = fan_in * math.prod(layer.kernel_size) // layer.feature_group_count
+            if isinstance(layer, nn.DenseGeneral):
+                fan_in = math.prod(args[0].shape[a] for a in np.atleast_1d(layer.axis))
             total += math.prod(out.shape[1:]) * fan_in
+        elif isinstance(layer, nn.MultiHeadDotProductAttention):
+            tokens = args[0].shape[-2]
+            total += 2 * tokens * tokens * (layer.qkv_features or args[0].shape[-1])
         return out
 
     with nn.intercept_methods(count):

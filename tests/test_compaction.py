@@ -69,8 +69,8 @@ class FakeTicket(NamedTuple):
         return self.state
 
 
-def _net(name, shape, width):
-    spec = {"name": name, "num_classes": 10, "width": width, "use_bias": False}
+def _net(name, shape, width, use_bias=False):
+    spec = {"name": name, "num_classes": 10, "width": width, "use_bias": use_bias}
     model = create_model(spec)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
     meta = {"model": spec, "input_shape": list(shape), "structured": True}
@@ -216,4 +216,28 @@ def test_resnet_residual_channel_goes_only_where_it_is_zero():
     assert [w.out for w in module.blocks[:4]] == [7, 7, 15, 15]
     assert module.blocks[1].inner == 0
     x = jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32)
+    _assert_same_logits(_masked_logits(model, ticket, x), module, variables, x)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_vit_head_and_mlp_ticket_compiles(use_bias):
+    """Half the head gates closed: a head whose value or output projection is closed is deleted
+    from all four projections, one with only its query or key closed stays (it attends uniformly);
+    closed MLP units go; the residual stream keeps its width."""
+    rng = np.random.default_rng(2)
+    model, abstract, meta = _net("vit_tiny", (16, 16, 3), 0.25, use_bias)
+    params = _he_normal(abstract["params"], rng)
+    masks = _half_closed(params, rng)
+    ticket = FakeTicket(meta, jax.device_get(masking.apply_masks(params, masks)), {})
+    module, variables = compact_ticket(ticket)
+
+    blocks = sorted((k for k in params if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
+    heads = [(_open(masks, f"{b}/attention/value") & _open(masks, f"{b}/attention/out")).sum() for b in blocks]
+    assert any(0 < h < 3 for h in heads) and 0 in heads, "the test needs blocks losing some and all heads"
+    assert [w[0] for w in module.block_widths] == [max(int(h), 1) for h in heads]
+    units = [(_open(masks, f"{b}/Dense_0") & np.any(np.asarray(ticket.params[b]["Dense_1"]["kernel"]) != 0, 1)).sum()
+             for b in blocks]
+    assert [w[1] for w in module.block_widths] == [int(u) for u in units]
+    _fewer_params_and_macs(model, module, ticket, variables)
+    x = jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32)
     _assert_same_logits(_masked_logits(model, ticket, x), module, variables, x)

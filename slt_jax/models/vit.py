@@ -36,6 +36,7 @@ EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
 class EncoderBlock(nn.Module):
     num_heads: int
+    head_dim: int
     mlp_dim: int
     use_bias: bool
     kernel_init: Callable[..., Any]
@@ -43,8 +44,9 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nn.LayerNorm(use_scale=False, use_bias=False)(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, use_bias=self.use_bias,
-                                                kernel_init=self.kernel_init, name="attention")(y, y)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=self.num_heads * self.head_dim,
+                                                use_bias=self.use_bias, kernel_init=self.kernel_init,
+                                                name="attention")(y, y)
         y = nn.LayerNorm(use_scale=False, use_bias=False)(x)
         y = nn.gelu(nn.Dense(self.mlp_dim, use_bias=self.use_bias, kernel_init=self.kernel_init)(y))
         return x + nn.Dense(x.shape[-1], use_bias=self.use_bias, kernel_init=self.kernel_init)(y)
@@ -60,6 +62,9 @@ class ViT(nn.Module):
     width: float = 1.0
     use_bias: bool = False
     kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+    # (heads, MLP units) of each block where they differ from num_heads and mlp_dim * width: a
+    # compacted ticket's (``slt_jax.compaction``). Heads keep their size, hidden // num_heads.
+    block_widths: tuple[tuple[int, int], ...] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -75,8 +80,9 @@ class ViT(nn.Module):
         cls = self.param("cls", EMBED_INIT, (1, 1, hidden))
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, hidden)), x], axis=1)
         x = x + self.param("pos_embedding", EMBED_INIT, (1, x.shape[1], hidden))
-        for i in range(self.depth):
-            x = EncoderBlock(self.num_heads, int(self.mlp_dim * self.width), self.use_bias, self.kernel_init,
+        widths = self.block_widths or ((self.num_heads, int(self.mlp_dim * self.width)),) * self.depth
+        for i, (heads, mlp_dim) in enumerate(widths):
+            x = EncoderBlock(heads, hidden // self.num_heads, mlp_dim, self.use_bias, self.kernel_init,
                              name=f"block_{i}")(x)
         x = nn.LayerNorm(use_scale=False, use_bias=False)(x[:, 0])
         return nn.Dense(self.num_classes, use_bias=self.use_bias, kernel_init=self.kernel_init, name="head")(x)
