@@ -77,6 +77,8 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "crbg_st_lr0.02": ("crbg", {"crbg.family": "gaussian_st", "learning_rate": 0.02}),
     "crbg_st_rank": ("crbg", {"crbg.family": "gaussian_st", "crbg.binary_rule": "rank"}),
     "crbg_st_fan_in": ("crbg", {"crbg.family": "gaussian_st", "crbg.density_constraint": "fan_in"}),
+    # Straight-through gates fall short of high targets: a 4x integral gain for the multiplier.
+    "crbg_st_dual0.2": ("crbg", {"crbg.family": "gaussian_st", "crbg.dual_lr": 0.2}),
     "crbg_kaiming_normal": ("crbg", {"weight_init": "kaiming_normal"}),
     "edgepopup_global_kaiming_normal": ("edgepopup", {"edgepopup.scope": "global", "weight_init": "kaiming_normal"}),
     "crbg_uniform": ("crbg", {"weight_init": "uniform"}),
