@@ -36,7 +36,6 @@ resumes from it instead of training again).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import defaultdict
@@ -45,9 +44,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_collections  # noqa: E402
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import sweep  # noqa: E402
 from benchmarks.mnist_pareto import accuracy_cell  # noqa: E402
 from configs import mnist_lenet300_crbg, mnist_lenet300_edgepopup  # noqa: E402
 
@@ -189,28 +188,16 @@ def main() -> None:
         unknown = sorted(set(given) - set(allowed))
         if unknown:
             sys.exit(f"error: unknown {kind}(s) {unknown}; allowed: {', '.join(allowed)}")
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "results.jsonl")
-    rows = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
-    jobs = [(c, d, float(t), int(s)) for d in args.datasets.split(",") for t in args.targets.split(",")
-            for c in cells for s in args.seeds.split(",")]
-    for i, (cell, dataset, target, seed) in enumerate(jobs):
-        epochs = DIGITS_BUDGET["num_epochs"] if dataset == "digits" else args.num_epochs
-        if any((r["cell"], r["dataset"], r["target_sparsity"], r["seed"], r["num_epochs"])
-               == (cell, dataset, target, seed, epochs) for r in rows):
-            continue
-        print(f"[{i + 1}/{len(jobs)}] {cell} {dataset} sparsity={target} seed={seed} epochs={epochs}",
-              file=sys.stderr, flush=True)
-        row = run_one(cell, dataset, target, seed, args.num_epochs, args.out)
-        jax.clear_caches()  # compiled programs pile up over runs until mapping memory runs out (LLVM)
-        rows.append(row)
-        with open(results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    text = table(rows)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write("Binary-ticket validation accuracy (mean ± std over seeds) @ achieved sparsity, LeNet-300-100 "
-                "(digits: the 64-256-256-10 default MLP is not used; LeNet on 8x8 inputs).\n\n" + text + "\n")
-    print(text)
+    # (cell, dataset, target, seed, epochs); the digits keep their own budget
+    jobs = [(c, d, float(t), int(s), DIGITS_BUDGET["num_epochs"] if d == "digits" else args.num_epochs)
+            for d in args.datasets.split(",") for t in args.targets.split(",") for c in cells for s in args.seeds.split(",")]
+    rows = sweep.run_missing(
+        args.out, jobs, sweep.saved_rows(args.out),
+        key=lambda r: (r["cell"], r["dataset"], r["target_sparsity"], r["seed"], r["num_epochs"]),
+        run=lambda *job: run_one(*job, args.out))
+    sweep.write_table(args.out, "Binary-ticket validation accuracy (mean ± std over seeds) @ achieved sparsity, "
+                      "LeNet-300-100 (digits: the 64-256-256-10 default MLP is not used; LeNet on 8x8 inputs).",
+                      table(rows))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ the code that made it: delete the file after changing the code.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -34,6 +33,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import sweep  # noqa: E402
 from configs import mnist_lenet300_crbg  # noqa: E402
 
 # recipe -> config keys (dotted for a method's own) changed from the structured config.
@@ -139,27 +139,14 @@ def main() -> None:
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
         sys.exit(f"error: unknown recipe(s) {unknown}; allowed: {', '.join(RECIPES)}")
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "results.jsonl")
-    rows = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
-    jobs = [(r, float(t), int(s)) for t in args.targets.split(",") for r in recipes for s in args.seeds.split(",")]
-    for i, (recipe, target, seed) in enumerate(jobs):
-        if any((r["recipe"], r["target_sparsity"], r["seed"], r["num_epochs"]) == (recipe, target, seed, args.num_epochs)
-               for r in rows):
-            continue
-        print(f"[{i + 1}/{len(jobs)}] {recipe} sparsity={target} seed={seed} epochs={args.num_epochs}",
-              file=sys.stderr, flush=True)
-        row = run_one(recipe, target, seed, args.num_epochs, args.out)
-        jax.clear_caches()  # compiled programs pile up over runs until mapping memory runs out (LLVM)
-        rows.append(row)
-        with open(results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
-    text = table(rows)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write("Structured CRBG, LeNet-300-100, MNIST validation, binary tickets. Sparsities count the kernel "
-                "weights of the network built; LeNet-300-100 itself has 266,200.\n\n" + text + "\n")
-    print(text)
+    jobs = [(r, float(t), int(s), args.num_epochs) for t in args.targets.split(",") for r in recipes
+            for s in args.seeds.split(",")]
+    rows = sweep.run_missing(
+        args.out, jobs, sweep.saved_rows(args.out),
+        key=lambda r: (r["recipe"], r["target_sparsity"], r["seed"], r["num_epochs"]),
+        run=lambda *job: run_one(*job, args.out), report=lambda row: table([row]).splitlines()[-1])
+    sweep.write_table(args.out, "Structured CRBG, LeNet-300-100, MNIST validation, binary tickets. Sparsities count "
+                      "the kernel weights of the network built; LeNet-300-100 itself has 266,200.", table(rows))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ Progress: one line per run and the harness's progress bar, on stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Callable
@@ -58,6 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import sweep  # noqa: E402
 from benchmarks.compaction import median_ms, widths  # noqa: E402
 from benchmarks.mnist_zoo import layer_range  # noqa: E402
 from configs import mnist_conv4_crbg_structured as structured  # noqa: E402
@@ -208,30 +208,16 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         sys.exit(f"error: unknown variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "results.jsonl")
-    saved = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
-    rows = [r for r in saved if (r["num_epochs"], r["dataset"]) == (args.num_epochs, args.dataset)]
-    done = {(r["variant"], r["target_sparsity"], r["seed"]) for r in rows}
+    rows = [r for r in sweep.saved_rows(args.out) if (r["num_epochs"], r["dataset"]) == (args.num_epochs, args.dataset)]
     jobs = [(v, float(t), int(s)) for t in args.targets.split(",") for v in variants for s in args.seeds.split(",")]
-    for i, job in enumerate(jobs):
-        if job in done:
-            continue
-        print(f"[{i + 1}/{len(jobs)}] {job[0]} target={job[1]} seed={job[2]}", file=sys.stderr, flush=True)
-        row = run_one(*job, args)
-        jax.clear_caches()  # compiled programs pile up over runs until mapping memory runs out (LLVM)
-        rows.append(row)
-        with open(results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
-    text = table(rows)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(f"MNIST Conv4 x0.5 (483,872 weights built), {args.num_epochs} epoch(s) at batch 128, binary-ticket "
-                f"validation accuracy. Compacted structured tickets: parameters of the compact model with every closed "
-                f"channel deleted over the Conv4 built; per multiple m (channel counts rounded up to a multiple of m) "
-                f"MACs over the Conv4 built and speed-up of the forward pass at batch {args.batch} on the CPU over "
-                f"the dense-shaped masked model (interleaved medians).\n\n{text}\n")
-    print(text)
+    rows = sweep.run_missing(args.out, jobs, rows, key=lambda r: (r["variant"], r["target_sparsity"], r["seed"]),
+                             run=lambda *job: run_one(*job, args), report=lambda row: table([row]).splitlines()[-1])
+    sweep.write_table(
+        args.out, f"MNIST Conv4 x0.5 (483,872 weights built), {args.num_epochs} epoch(s) at batch 128, binary-ticket "
+        f"validation accuracy. Compacted structured tickets: parameters of the compact model with every closed "
+        f"channel deleted over the Conv4 built; per multiple m (channel counts rounded up to a multiple of m) "
+        f"MACs over the Conv4 built and speed-up of the forward pass at batch {args.batch} on the CPU over "
+        f"the dense-shaped masked model (interleaved medians).", table(rows))
 
 
 if __name__ == "__main__":

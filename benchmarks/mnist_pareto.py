@@ -30,7 +30,6 @@ files) count in the accuracy table only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import defaultdict
@@ -39,10 +38,9 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_collections  # noqa: E402
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import lenet_structured  # noqa: E402
+from benchmarks import lenet_structured, sweep  # noqa: E402
 from configs import mnist_lenet300_crbg, mnist_lenet300_edgepopup  # noqa: E402
 
 
@@ -108,11 +106,6 @@ def time_to_accuracy(records: list[dict[str, Any]], num_steps: int, target: floa
     return out
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def run_one(variant: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from slt_jax.train import train_and_evaluate
 
@@ -122,7 +115,7 @@ def run_one(variant: str, sparsity: float, seed: int, args: argparse.Namespace) 
             "dataset": args.dataset, "val_accuracy": s["val_accuracy"],
             "sparsity": s["sparsity"], "binary_gap": s["binary_gap"], "train_seconds": s["train_seconds"],
             "num_steps": s["num_steps"],
-            **time_to_accuracy(read_metrics(os.path.join(workdir, "metrics.jsonl")), s["num_steps"], sparsity)}
+            **time_to_accuracy(sweep.read_jsonl(os.path.join(workdir, "metrics.jsonl")), s["num_steps"], sparsity)}
 
 
 def _variants_present(rows: list[dict[str, Any]]) -> list[str]:
@@ -241,22 +234,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/mnist_pareto_all")
     args = ap.parse_args()
     check_variants(args.variants.split(","), args)
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "results.jsonl")
-    saved = [json.loads(l) for l in open(results_path)] if os.path.exists(results_path) else []
-    rows = [r for r in saved if (r.get("num_epochs"), r.get("dataset")) == (args.num_epochs, args.dataset)]
-    done = {(r["variant"], r["target_sparsity"], r["seed"]) for r in rows}
+    rows = [r for r in sweep.saved_rows(args.out)
+            if (r.get("num_epochs"), r.get("dataset")) == (args.num_epochs, args.dataset)]
     jobs = [(v, float(s), int(seed)) for v in args.variants.split(",") for s in args.sparsities.split(",")
             for seed in args.seeds.split(",")]
-    for i, job in enumerate(jobs):
-        if job in done:
-            continue
-        print(f"[{i + 1}/{len(jobs)}] {job[0]} sparsity={job[1]} seed={job[2]}", file=sys.stderr, flush=True)
-        row = run_one(*job, args)
-        jax.clear_caches()  # compiled programs pile up over runs until mapping memory runs out (LLVM)
-        rows.append(row)
-        with open(results_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    rows = sweep.run_missing(args.out, jobs, rows, key=lambda r: (r["variant"], r["target_sparsity"], r["seed"]),
+                             run=lambda *job: run_one(*job, args))
     accuracy, timing = table(rows), time_table(rows)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(f"Binary-ticket validation accuracy (mean ± std over seeds) @ achieved sparsity; "
