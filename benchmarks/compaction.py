@@ -46,7 +46,9 @@ def median_ms(calls: dict[str, tuple], x, reps: int) -> dict[str, float]:
 
 def widths(module) -> dict[str, list]:
     """The compact model's widths: kept inputs, hidden units and conv channels, or a ResNet's stem
-    channels and each block's (inner, output) channels."""
+    channels and each block's (inner, output) channels, or a ViT's (heads, MLP units) per block."""
+    if getattr(module, "block_widths", None) is not None:
+        return {"blocks": [list(b) for b in module.block_widths]}
     if hasattr(module, "features"):  # an MLP reading only the kept input features
         return {"inputs": [len(module.features)], **widths(module.body)}
     if hasattr(module, "blocks"):
