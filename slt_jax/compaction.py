@@ -56,9 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slt_jax.models import create_model
 from slt_jax.models.convnets import ConvNet
 from slt_jax.models.mlp import MLP
-from slt_jax.models import create_model
 from slt_jax.models.resnet import RESNETS
 from slt_jax.models.vit import VITS
 

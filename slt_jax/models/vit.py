@@ -81,6 +81,9 @@ class ViT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, hidden)), x], axis=1)
         x = x + self.param("pos_embedding", EMBED_INIT, (1, x.shape[1], hidden))
         widths = self.block_widths or ((self.num_heads, int(self.mlp_dim * self.width)),) * self.depth
+        if len(widths) != self.depth:
+            raise ValueError(f"ViT block_widths has {len(widths)} blocks for depth {self.depth}; allowed: one "
+                             f"(heads, MLP units) pair per block")
         for i, (heads, mlp_dim) in enumerate(widths):
             x = EncoderBlock(heads, hidden // self.num_heads, mlp_dim, self.use_bias, self.kernel_init,
                              name=f"block_{i}")(x)
