@@ -46,8 +46,8 @@ def _params():
 
 
 def test_every_python_fence_is_found():
-    # A fence the regex misses (indented, or with attributes) would silently go untested.
-    fences = sum(len(re.findall(r"^ *```python", open(os.path.join(ROOT, n)).read(), flags=re.M))
+    # A fence the regex misses (indented, "py", or with attributes) would silently go untested.
+    fences = sum(len(re.findall(r"^ *```\s*(python|py|python3)\b", open(os.path.join(ROOT, n)).read(), flags=re.M))
                  for n in _doc_files())
     assert fences == sum(len(b["where"]) for b in _blocks().values())
 
