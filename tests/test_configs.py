@@ -26,7 +26,8 @@ def test_config_names_its_dataset_not_a_file_a_clone_lacks(name):
 
 def test_structured_lenet_config_is_the_benchmarks_winning_recipe():
     config = importlib.import_module("configs.mnist_lenet300_crbg_structured").get_config()
-    recipe = lenet_structured.recipe_config("pixels_units_wide_lr0.02", config.sparsity, config.seed, config.num_epochs)
+    recipe = lenet_structured.recipe_config("pixels_units_wide_lr0.02", config.sparsity, config.seed, config.num_epochs,
+                                            config.dataset)
     for key in ("progress", "plots", "checkpoint_every"):  # the benchmark's own bookkeeping
         recipe[key] = config[key]
     assert recipe.to_dict() == config.to_dict()

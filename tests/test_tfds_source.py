@@ -202,3 +202,19 @@ def test_random_resized_crop_and_cifar_crop_are_seeded():
         assert rows.sum() <= 4 and cols.sum() <= 4
         np.testing.assert_array_equal(zero, rows[:, None] | cols[None, :])
     assert any((s == 0).any() for s in shifted)
+
+
+def test_crbg_study_derives_shifted_mnist_from_the_dataset_it_is_given(mock_mnist, tmp_path, monkeypatch):
+    from benchmarks import crbg_study
+
+    monkeypatch.setenv("TFDS_DATA_DIR", mock_mnist)  # where the study's runs and its derivation read TFDS
+    x, y = training_arrays("mnist")
+    config = crbg_study.cell_config("crbg", "mnist_shifted", 0.9, 0, 1, "mnist", str(tmp_path))
+    path = tmp_path / "data" / "mnist" / "mnist_shifted.npz"
+    assert config.dataset == f"npz:{path}"
+    with np.load(path) as f:
+        shifted, labels = f["x_train"], f["y_train"]
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_array_equal(shifted, crbg_study.shifted(x[..., 0]))
+    assert not np.array_equal(shifted, x[..., 0])
+    assert crbg_study.cell_config("crbg", "mnist", 0.9, 0, 1, "mnist", str(tmp_path)).dataset == "mnist"

@@ -38,7 +38,9 @@ def dataset_problem(spec: Any) -> str | None:
         return None
     if isinstance(spec, str) and spec.startswith("tfds:") and spec[5:]:
         name = spec[5:]
-        return None if name not in TFDS_NAMES else f"{name} (a dataset with a name of its own is given by that name alone)"
+        if name in TFDS_NAMES:
+            return f"{name} (a dataset with a name of its own is given by that name alone)"
+        return None
     return ", ".join(DATASET_KINDS)
 
 
@@ -109,7 +111,8 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
     if need > available:
         raise DataError(f"{path!r}: x_train of shape {shape} ({dtype}) needs {gib(need)} in memory ({gib(stored)} as "
                         f"stored, {gib(4 * math.prod(shape))} as float32 inputs) but {gib(available)} is available; "
-                        "allowed: a dataset that fits in memory, or a TFDS dataset (mnist, ..., tfds:NAME), which reads from disk")
+                        "allowed: a dataset that fits in memory, or a TFDS dataset (mnist, ..., tfds:NAME), which "
+                        "reads from disk")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in headers}
@@ -155,4 +158,5 @@ def training_arrays(spec: str, tfds_data_dir: str = "") -> tuple[np.ndarray, np.
     return read_split(spec, "train", tfds_data_dir)
 
 
-__all__ = ["ArrayDataset", "DataError", "TFDS_NAMES", "dataset_problem", "load_dataset", "preprocess", "training_arrays"]
+__all__ = ["ArrayDataset", "DataError", "TFDS_NAMES", "dataset_problem", "load_dataset", "preprocess",
+           "training_arrays"]

@@ -229,8 +229,8 @@ class TfdsDataset:
 
 def _prepare_hint(dataset: str, name: str, root: str, manual: bool) -> str:
     """One line: the exact command that prepares ``name`` where it was looked for, or the arrays to pass instead."""
-    manual_step = (f"put the files `tfds.builder({name!r}).MANUAL_DOWNLOAD_INSTRUCTIONS` names in {root}/downloads/manual, "
-                   "then " if manual else "")
+    manual_step = (f"put the files `tfds.builder({name!r}).MANUAL_DOWNLOAD_INSTRUCTIONS` names in "
+                   f"{root}/downloads/manual, then " if manual else "")
     return (f"dataset {dataset!r} is not prepared in {root}; prepare it once, on a machine with network: "
             f"{manual_step}`pip install tensorflow && tfds build {name} --data_dir={root} --file_format=array_record` "
             f"(built elsewhere: copy that directory here, or point --config.tfds_data_dir at it); or pass the arrays "
