@@ -45,6 +45,7 @@ expects images already resized and cropped to 224x224: pass them through ``resiz
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Callable, Iterator, Sequence
@@ -256,7 +257,14 @@ def prepared_builder(dataset: str, data_dir: str = "") -> Any:
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(f"unknown tfds dataset {name!r}; allowed: a name from `tfds.list_builders()`, "
                         "optionally NAME/CONFIG or NAME:VERSION") from None
-    if not builder.is_prepared():
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # is_prepared warns of the folder it found empty: noise beside the one line below
+    try:
+        prepared = builder.is_prepared()
+    finally:
+        absl_log.setLevel(level)
+    if not prepared:
         raise DataError(_prepare_hint(dataset, name, str(builder.data_dir_root),
                                       bool(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None))))
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
