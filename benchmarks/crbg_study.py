@@ -5,6 +5,7 @@
     python benchmarks/crbg_study.py --cells crbg,edgepopup_global --targets 0.9 --seeds 0 --num_epochs 50
     python benchmarks/crbg_study.py --datasets mnist_shifted,digits --cells crbg,edgepopup_layer,edgepopup_global --targets 0.9 --seeds 0,1,2
     python benchmarks/crbg_study.py --datasets mnist,mnist_shifted --cells crbg_per_layer,crbg_erk,crbg_fan_in --seeds 0,1,2
+    python benchmarks/crbg_study.py --dataset npz:PATH --datasets mnist,mnist_rotated   # MNIST from local arrays
 
 The allocation cells give CRBG a fixed split of the budget over the layers
 (``crbg.density_constraint``, ``slt_jax.methods.crbg``): uniform (per-layer edge-popup's), ERK, or
@@ -15,28 +16,34 @@ A cell is one method and recipe: CRBG (configs/mnist_lenet300_crbg.py) with one 
 edge-popup (configs/mnist_lenet300_edgepopup.py) per layer or with a global top-k. Every cell runs
 LeNet-300-100 with the same data, seeds, loss (``logit_scale=5``), batch, epochs and evaluation;
 accuracy is the binary ticket's on the validation split carved from the training data (test sets
-are not used). Datasets:
+are not used). ``--dataset`` is where MNIST comes from: ``mnist`` (TFDS, the default) or
+``npz:PATH`` with the 60,000-image training set as ``x_train``, ``y_train`` (the committed results
+were measured on such arrays; their rows say ``"source": "npz:..."``). The study's datasets
+(``--datasets``, its table's columns):
 
-* ``mnist``: ../shared/data/mnist_train.npz;
+* ``mnist``: that data;
 * ``mnist_shifted``: the same images, each moved by its own random offset of up to 5 pixels
-  in x and y (zeros shifted in; offsets from a fixed seed), written once to OUT/data: for an MLP
-  a task of another kind, since no weight sees the same pixel twice;
+  in x and y (zeros shifted in; offsets from a fixed seed), written once to OUT/data/SOURCE
+  (SOURCE: ``--dataset`` as a file name, e.g. ``mnist``): for an MLP a task of another kind, since
+  no weight sees the same pixel twice;
 * ``mnist_rotated``: the same images, each turned by its own random angle of up to 60 degrees
   (bilinear, angles from a fixed seed), added after the study's recipes were chosen: data nobody
   here tuned on. (Inverted digits would not be: inputs are standardised, so 255 - x becomes -x,
   which random weights symmetric about 0 cannot tell from x.)
 * ``digits``: scikit-learn's 8x8 digits, the default run's data and budget (60 epochs at batch 64).
 
-Writes OUT/results.jsonl (one row per run; a rerun skips the runs it holds, so phases add up),
-OUT/table.md (mean ± std over seeds @ achieved sparsity, one row per cell, one column per dataset,
-target and epochs) and prints the table. A row does not record the code that made it: delete the
-file after changing the code, and OUT/runs too (a run whose workdir holds a final checkpoint
-resumes from it instead of training again).
+Writes OUT/results.jsonl (one row per run, with the ``--dataset`` it read as ``source``; a rerun
+skips the runs it holds for that source, so phases add up), OUT/table.md (mean ± std over seeds @
+achieved sparsity, one row per cell, one column per dataset, target and epochs; the MNIST columns
+from the rows of the current source) and prints the table. A row does not record the code that
+made it: delete the file after changing the code, and OUT/runs too (a run whose workdir holds a
+final checkpoint resumes from it instead of training again).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections import defaultdict
 from typing import Any
@@ -50,7 +57,6 @@ from benchmarks import sweep  # noqa: E402
 from benchmarks.mnist_pareto import accuracy_cell  # noqa: E402
 from configs import mnist_lenet300_crbg, mnist_lenet300_edgepopup  # noqa: E402
 
-MNIST = "../shared/data/mnist_train.npz"
 MAX_SHIFT = 5
 MAX_ANGLE = 60.0
 DIGITS_BUDGET = {"num_epochs": 60, "batch_size": 64}  # the default run's; --num_epochs is MNIST's
@@ -92,12 +98,13 @@ DATASETS = ("mnist", "mnist_shifted", "mnist_rotated", "digits")
 
 
 def shifted(x: np.ndarray) -> np.ndarray:
-    """Every image moved by its own offset in [-MAX_SHIFT, MAX_SHIFT]^2 (seed 0), zeros shifted in."""
+    """Every (N, H, W) image moved by its own offset in [-MAX_SHIFT, MAX_SHIFT]^2 (seed 0), zeros shifted in."""
+    h, w = x.shape[1:3]
     offsets = np.random.default_rng(0).integers(-MAX_SHIFT, MAX_SHIFT + 1, size=(len(x), 2))
     pad = np.pad(x, ((0, 0), (MAX_SHIFT, MAX_SHIFT), (MAX_SHIFT, MAX_SHIFT)))
     out = np.empty_like(x)
     for i, (dy, dx) in enumerate(offsets):
-        out[i] = pad[i, MAX_SHIFT - dy:MAX_SHIFT - dy + 28, MAX_SHIFT - dx:MAX_SHIFT - dx + 28]
+        out[i] = pad[i, MAX_SHIFT - dy:MAX_SHIFT - dy + h, MAX_SHIFT - dx:MAX_SHIFT - dx + w]
     return out
 
 
@@ -116,32 +123,42 @@ def rotated(x: np.ndarray) -> np.ndarray:
 DERIVED = {"mnist_shifted": shifted, "mnist_rotated": rotated}
 
 
-def write_derived(name: str, path: str) -> None:
-    with np.load(MNIST) as f:
-        x, y = f["x_train"], f["y_train"]
+def slug(source: str) -> str:
+    """``source`` as a file name: mnist -> mnist, npz:/data/mnist.npz -> npz_data_mnist_npz."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", source).strip("_")
+
+
+def write_derived(name: str, source: str, path: str) -> None:
+    """OUT/data's copy of ``source``'s training set (``npz:PATH`` or a TFDS name) transformed into ``name``."""
+    from slt_jax.data import training_arrays
+
+    x, y = training_arrays(source)
+    if x.ndim == 4 and x.shape[-1] == 1:  # TFDS stores MNIST as (N, 28, 28, 1); the transforms take (N, H, W)
+        x = x[..., 0]
     tmp = path + ".tmp.npz"
     np.savez(tmp, x_train=DERIVED[name](x), y_train=y)
     os.replace(tmp, path)
 
 
-def dataset_overrides(name: str, out: str) -> dict[str, Any]:
-    """The config keys that select ``name`` (and, for digits, its budget)."""
+def dataset_overrides(name: str, source: str, out: str) -> dict[str, Any]:
+    """The config keys that select ``name`` made from ``source`` (and, for digits, its budget)."""
     if name == "mnist":
-        return {"dataset": f"npz:{MNIST}"}
+        return {"dataset": source}
     if name in DERIVED:
-        path = os.path.join(out, "data", f"{name}.npz")
+        path = os.path.join(out, "data", slug(source), f"{name}.npz")
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_derived(name, path)
+            write_derived(name, source, path)
         return {"dataset": f"npz:{path}"}
     return {"dataset": "digits", **DIGITS_BUDGET}
 
 
-def cell_config(cell: str, dataset: str, target: float, seed: int, num_epochs: int, out: str) -> ml_collections.ConfigDict:
+def cell_config(cell: str, dataset: str, target: float, seed: int, num_epochs: int, source: str,
+                out: str) -> ml_collections.ConfigDict:
     base, overrides = CELLS[cell]
     config = (mnist_lenet300_crbg if base == "crbg" else mnist_lenet300_edgepopup).get_config()
     config.num_epochs = num_epochs
-    for key, value in {**overrides, **dataset_overrides(dataset, out)}.items():
+    for key, value in {**overrides, **dataset_overrides(dataset, source, out)}.items():
         parent, _, leaf = key.rpartition(".")
         (config[parent] if parent else config)[leaf] = value
     config.sparsity, config.seed = target, seed
@@ -149,13 +166,14 @@ def cell_config(cell: str, dataset: str, target: float, seed: int, num_epochs: i
     return config
 
 
-def run_one(cell: str, dataset: str, target: float, seed: int, num_epochs: int, out: str) -> dict[str, Any]:
+def run_one(cell: str, dataset: str, target: float, seed: int, num_epochs: int, source: str,
+            out: str) -> dict[str, Any]:
     from slt_jax.train import train_and_evaluate
 
-    config = cell_config(cell, dataset, target, seed, num_epochs, out)
-    workdir = os.path.join(out, "runs", f"{cell}-{dataset}-s{target}-seed{seed}-e{config.num_epochs}")
+    config = cell_config(cell, dataset, target, seed, num_epochs, source, out)
+    workdir = os.path.join(out, "runs", slug(source), f"{cell}-{dataset}-s{target}-seed{seed}-e{config.num_epochs}")
     s = train_and_evaluate(config, workdir)
-    return {"cell": cell, "dataset": dataset, "target_sparsity": target, "seed": seed,
+    return {"cell": cell, "dataset": dataset, "source": source, "target_sparsity": target, "seed": seed,
             "num_epochs": config.num_epochs, "val_accuracy": s["val_accuracy"], "sparsity": s["sparsity"],
             "layer_sparsity": s["layer_sparsity"], "binary_gap": s["binary_gap"], "train_seconds": s["train_seconds"]}
 
@@ -177,7 +195,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default="crbg,edgepopup_layer,edgepopup_global", help="comma list, or 'all'")
-    ap.add_argument("--datasets", default="mnist")
+    ap.add_argument("--dataset", default="mnist", help="where MNIST comes from: mnist (TFDS) or npz:PATH")
+    ap.add_argument("--datasets", default="mnist", help=f"the study's columns, comma list of {', '.join(DATASETS)}")
     ap.add_argument("--targets", default="0.9")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--num_epochs", type=int, default=10, help="MNIST epochs (digits keeps its own budget)")
@@ -191,10 +210,12 @@ def main() -> None:
     # (cell, dataset, target, seed, epochs); the digits keep their own budget
     jobs = [(c, d, float(t), int(s), DIGITS_BUDGET["num_epochs"] if d == "digits" else args.num_epochs)
             for d in args.datasets.split(",") for t in args.targets.split(",") for c in cells for s in args.seeds.split(",")]
+    # the digits do not depend on --dataset: their rows count whatever source they were run beside
+    rows = [r for r in sweep.saved_rows(args.out) if r["dataset"] == "digits" or r.get("source") == args.dataset]
     rows = sweep.run_missing(
-        args.out, jobs, sweep.saved_rows(args.out),
+        args.out, jobs, rows,
         key=lambda r: (r["cell"], r["dataset"], r["target_sparsity"], r["seed"], r["num_epochs"]),
-        run=lambda *job: run_one(*job, args.out))
+        run=lambda *job: run_one(*job, args.dataset, args.out))
     sweep.write_table(args.out, "Binary-ticket validation accuracy (mean ± std over seeds) @ achieved sparsity, "
                       "LeNet-300-100 (digits: the 64-256-256-10 default MLP is not used; LeNet on 8x8 inputs).",
                       table(rows))

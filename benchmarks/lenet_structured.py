@@ -6,9 +6,11 @@
 
 A recipe is configs/mnist_lenet300_crbg.py with ``structured=True`` and some keys changed (``RECIPES``;
 ``pixels_units_wide_lr0.02`` at 20 epochs is configs/mnist_lenet300_crbg_structured.py); every
-run has the same data (../shared/data/mnist_train.npz, validation carved from it; the test set is
-withheld), loss, batch, epochs and seed. Each row reports the binary ticket's validation accuracy
-and two sparsities over the gated weights (the kernels of the network actually built):
+run has the same data (``--dataset``: ``mnist`` through TFDS by default, or ``npz:PATH``; the
+committed results were measured on ``npz:`` arrays of the 60,000-image MNIST training set;
+validation carved from it, test sets are not used), loss, batch, epochs and seed. Each row
+reports the binary ticket's validation accuracy and two sparsities over the gated weights (the
+kernels of the network actually built):
 
 * ``sparsity``: the fraction the mask closes, as the harness and ``verify_ticket.py`` count it;
 * ``compact_sparsity``: 1 - the kernel weights of the compacted dense network
@@ -17,8 +19,9 @@ and two sparsities over the gated weights (the kernels of the network actually b
   whole (``slt_jax.masking``), so the two agree but for what compaction also finds dead (a unit
   whose every input is closed) or keeps (closed classifier weights stay as zeros).
 
-Writes OUT/results.jsonl (a rerun skips the rows it holds) and OUT/table.md. A row does not record
-the code that made it: delete the file after changing the code.
+Writes OUT/results.jsonl (a rerun skips the rows it holds for the same ``--dataset``) and
+OUT/table.md (the rows of the current ``--dataset``). A row does not record the code that made it:
+delete the file after changing the code.
 """
 from __future__ import annotations
 
@@ -69,10 +72,10 @@ def recipe(name: str) -> ml_collections.ConfigDict:
     return config
 
 
-def recipe_config(name: str, target: float, seed: int, num_epochs: int) -> ml_collections.ConfigDict:
-    """The recipe's run in this benchmark: its target, seed and budget, no progress bar, plots or checkpoints."""
+def recipe_config(name: str, target: float, seed: int, num_epochs: int, dataset: str) -> ml_collections.ConfigDict:
+    """The recipe's run in this benchmark: its target, seed, budget and data, no progress bar, plots or checkpoints."""
     config = recipe(name)
-    config.sparsity, config.seed, config.num_epochs = target, seed, num_epochs
+    config.sparsity, config.seed, config.num_epochs, config.dataset = target, seed, num_epochs, dataset
     config.progress, config.plots, config.checkpoint_every = False, False, 0
     return config
 
@@ -94,13 +97,14 @@ def compacted(ticket_dir: str) -> dict[str, Any]:
             "widths": [inputs, *body.hidden, ticket.meta["model"]["num_classes"]]}
 
 
-def run_one(recipe: str, target: float, seed: int, num_epochs: int, out: str) -> dict[str, Any]:
+def run_one(recipe: str, target: float, seed: int, num_epochs: int, args: argparse.Namespace) -> dict[str, Any]:
     from slt_jax.train import train_and_evaluate
 
-    config = recipe_config(recipe, target, seed, num_epochs)
-    workdir = os.path.join(out, "runs", f"{recipe}-s{target}-seed{seed}-e{num_epochs}")
+    config = recipe_config(recipe, target, seed, num_epochs, args.dataset)
+    workdir = os.path.join(args.out, "runs", f"{recipe}-s{target}-seed{seed}-e{num_epochs}")
     s = train_and_evaluate(config, workdir)
     return {"recipe": recipe, "target_sparsity": target, "seed": seed, "num_epochs": num_epochs,
+            "dataset": args.dataset,
             "val_accuracy": s["val_accuracy"], "sparsity": s["sparsity"], "layer_sparsity": s["layer_sparsity"],
             "binary_gap": s["binary_gap"], "train_seconds": s["train_seconds"],
             **compacted(os.path.join(workdir, "ticket"))}
@@ -133,6 +137,7 @@ def main() -> None:
     ap.add_argument("--targets", default="0.8")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--num_epochs", type=int, default=10)
+    ap.add_argument("--dataset", default="mnist", help="config.dataset of every run: mnist (TFDS) or npz:PATH")
     ap.add_argument("--out", default="benchmarks/results/lenet_structured")
     args = ap.parse_args()
     recipes = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
@@ -141,10 +146,11 @@ def main() -> None:
         sys.exit(f"error: unknown recipe(s) {unknown}; allowed: {', '.join(RECIPES)}")
     jobs = [(r, float(t), int(s), args.num_epochs) for t in args.targets.split(",") for r in recipes
             for s in args.seeds.split(",")]
+    rows = [r for r in sweep.saved_rows(args.out) if r.get("dataset") == args.dataset]
     rows = sweep.run_missing(
-        args.out, jobs, sweep.saved_rows(args.out),
+        args.out, jobs, rows,
         key=lambda r: (r["recipe"], r["target_sparsity"], r["seed"], r["num_epochs"]),
-        run=lambda *job: run_one(*job, args.out), report=lambda row: table([row]).splitlines()[-1])
+        run=lambda *job: run_one(*job, args), report=lambda row: table([row]).splitlines()[-1])
     sweep.write_table(args.out, "Structured CRBG, LeNet-300-100, MNIST validation, binary tickets. Sparsities count "
                       "the kernel weights of the network built; LeNet-300-100 itself has 266,200.", table(rows))
 

@@ -15,11 +15,12 @@ harness (``slt_jax.train.train_and_evaluate``, run.py's path, into OUT/runs/VARI
   Dense_0 as well (every hidden layer structured), the recipe the config's was chosen against;
 * ``crbg_structured_st`` (not run by default): the structured config with ``gaussian_st`` gates.
 
-All get the same data (../shared/data/mnist_train.npz; the binary ticket's accuracy on the
-validation split carved from it, the test set is withheld), seed, batch 128 and budget (1 epoch,
-421 steps, evaluated once at the end), width 0.5, and the loss temperature of the target
-(``logit_scale(target)`` of the structured config: the zoo's 1000 at 0.9, 21 at 0.7, 3.6 at 0.5);
-CRBG's ``dual_lr`` is scaled to the budget. Each method keeps its own optimiser.
+All get the same data (``--dataset``: ``mnist`` through TFDS by default, or ``npz:PATH``; the
+committed results were measured on ``npz:`` arrays of the 60,000-image MNIST training set; the
+binary ticket's accuracy on the validation split carved from it, test sets are not used), seed,
+batch 128 and budget (1 epoch, 421 steps, evaluated once at the end), width 0.5, and the loss
+temperature of the target (``logit_scale(target)`` of the structured config: the zoo's 1000 at
+0.9, 21 at 0.7, 3.6 at 0.5); CRBG's ``dual_lr`` is scaled to the budget. Each method keeps its own optimiser.
 
 Budget: at most about 45 minutes of wall time for the nine default runs on a 2-core CPU. A step
 took 240 ms on the idle machine (30 steps, measured first) and 280-500 ms while other jobs shared
@@ -110,17 +111,16 @@ def _size(tree: Any) -> int:
     return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
 
 
-def compaction_report(ticket_dir: str, images: np.ndarray, reps: int) -> dict[str, Any]:
+def compaction_report(ticket_dir: str, inputs: np.ndarray, reps: int) -> dict[str, Any]:
     """Per multiple: the compact model's widths, parameter and MAC ratios to the built model and its
-    speed-up over the masked (dense-shaped) model at the batch of ``images``; raises if its logits
-    differ from the masked model's."""
+    speed-up over the masked (dense-shaped) model at the batch of ``inputs`` (preprocessed images);
+    raises if its logits differ from the masked model's."""
     from slt_jax import load_ticket
     from slt_jax.compaction import compact_ticket, count_macs
-    from slt_jax.data.arrays import preprocess
 
     ticket = load_ticket(ticket_dir)
     shape = tuple(ticket.meta["input_shape"])
-    x = jnp.asarray(preprocess(images, ticket.meta["preprocessing"]))
+    x = jnp.asarray(inputs)
     # Weights go in as arguments, on the device: closed over, XLA would fold them into the program.
     masked = jax.tree.map(jnp.asarray, {"params": ticket.masked_params(), **ticket.model_state()})
     masked_fn = jax.jit(ticket.model.apply)
@@ -142,7 +142,7 @@ def compaction_report(ticket_dir: str, images: np.ndarray, reps: int) -> dict[st
     times = median_ms(calls, x, reps)
     for name in report:
         report[name].update(ms=times[name], speedup=times["dense"] / times[name])
-    return {"dense_params": _size(masked["params"]), "dense_ms": times["dense"], "batch": len(images),
+    return {"dense_params": _size(masked["params"]), "dense_ms": times["dense"], "batch": len(inputs),
             "device": jax.devices()[0].device_kind, "compact": report}
 
 
@@ -160,8 +160,8 @@ def run_one(variant: str, target: float, seed: int, args: argparse.Namespace) ->
            "binary_gap": s["binary_gap"], "num_steps": s["num_steps"], "train_seconds": s["train_seconds"]}
     if config.structured:
         print(f"compiling and timing {workdir}/ticket", file=sys.stderr, flush=True)
-        images = load_dataset(config).x_val[: args.batch]
-        row.update(compaction_report(os.path.join(workdir, "ticket"), images, args.reps))
+        inputs, _ = next(load_dataset(config).eval_batches("val", args.batch))  # the first validation images
+        row.update(compaction_report(os.path.join(workdir, "ticket"), inputs, args.reps))
     return row
 
 
@@ -195,7 +195,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="npz:../shared/data/mnist_train.npz")
+    ap.add_argument("--dataset", default="mnist", help="config.dataset of every run: mnist (TFDS) or npz:PATH")
     ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--targets", default="0.5,0.7,0.9")
     ap.add_argument("--seeds", default="0")

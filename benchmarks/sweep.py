@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from slt_jax.data import DataError
+
 Row = dict[str, Any]
 
 
@@ -29,13 +31,17 @@ def run_missing(out: str, jobs: Sequence[tuple], rows: list[Row], key: Callable[
                 run: Callable[..., Row], report: Callable[[Row], str] | None = None) -> list[Row]:
     """``rows`` plus ``run(*job)`` for every job, in order, that no row's ``key(row)`` equals; each
     new row is appended to OUT/results.jsonl as soon as its run ends. Progress on stderr: a line
-    per run, and ``report(row)`` after it."""
+    per run, and ``report(row)`` after it. Data that cannot be read (an unprepared TFDS dataset, a
+    missing npz) ends the sweep with its one-line message."""
     done = {key(r) for r in rows}
     for i, job in enumerate(jobs):
         if job in done:
             continue
         print(f"[{i + 1}/{len(jobs)}] {' '.join(map(str, job))}", file=sys.stderr, flush=True)
-        row = run(*job)
+        try:
+            row = run(*job)
+        except DataError as e:
+            sys.exit(f"error: {e}")
         jax.clear_caches()  # compiled programs pile up over runs until mapping memory runs out (LLVM)
         rows.append(row)
         with open(os.path.join(out, "results.jsonl"), "a") as f:

@@ -1,5 +1,5 @@
 """CIFAR-10 recipe shared by the cifar10_* configs: edge-popup's schedule (cosine over 100 epochs,
-batch 128, 4-pixel pad-crop + flip) on a prepared tfds:cifar10, with CRBG's optimiser (Adam lr
+batch 128, 4-pixel pad-crop + flip) on a prepared cifar10 (TFDS), with CRBG's optimiser (Adam lr
 0.01 on the gates). Each experiment's config sets its model, method and sparsity on top.
 """
 import ml_collections
@@ -10,7 +10,7 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     c.method = "crbg"
-    c.dataset = "tfds:cifar10"
+    c.dataset = "cifar10"
     c.batch_size = 128
     c.num_epochs = 100
     c.lr_schedule = "cosine"

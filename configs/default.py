@@ -66,8 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_classes = 10  # for synthetic data; other datasets read it from their labels
     c.synthetic_shape = (28, 28, 1)
     c.synthetic_size = 512  # examples of synthetic data
-    # tfds:NAME only. augment: "cifar" (4-px pad-crop + flip), "imagenet" (random-resized crop + flip;
-    # eval resize 256 + centre crop 224), "none", or "auto" (by image size, see slt_jax.data.tfds_source).
+    # TFDS datasets only (mnist, fashion_mnist, cifar10, imagenet2012, tfds:NAME). augment: "cifar" (4-px
+    # pad-crop + flip), "imagenet" (random-resized crop + flip; eval resize 256 + centre crop 224), "none",
+    # or "auto" (by image size, see slt_jax.data.tfds_source).
     c.augment = "auto"
     c.tfds_data_dir = ""  # where prepared datasets live; "": $TFDS_DATA_DIR, else ~/tensorflow_datasets
 

@@ -1,6 +1,6 @@
 """ImageNet recipe shared by the imagenet_* configs: edge-popup's schedule (cosine over 100
 epochs after 5 warm-up epochs, batch 256, label smoothing 0.1, random-resized crop + flip) on a prepared
-tfds:imagenet2012, with CRBG's optimiser (Adam lr 0.01 on the gates). Each experiment's config sets
+imagenet2012 (TFDS), with CRBG's optimiser (Adam lr 0.01 on the gates). Each experiment's config sets
 its model, method and sparsity on top.
 """
 import ml_collections
@@ -11,7 +11,7 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     c.method = "crbg"
-    c.dataset = "tfds:imagenet2012"
+    c.dataset = "imagenet2012"
     c.sparsity = 0.7
     c.batch_size = 256
     c.num_epochs = 100

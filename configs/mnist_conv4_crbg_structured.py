@@ -1,14 +1,14 @@
 """CRBG with one gate per conv channel (structured), Conv4 x0.5 on MNIST: a ticket that compiles to
 a smaller dense Conv4 that runs faster on the CPU.
 
-    python run.py --config configs/mnist_conv4_crbg_structured.py --workdir runs/mnist_conv4_crbg_structured
+    python run.py --config configs/mnist_conv4_crbg_structured.py --config.dataset=mnist \
+        --workdir runs/mnist_conv4_crbg_structured
     python benchmarks/compaction.py runs/mnist_conv4_crbg_structured/ticket --multiple 8
 
-Conv4 x0.5 (convs 32, 32, 64, 64; FC 128, 128; 483,872 weights, no biases) on
-``../shared/data/mnist_train.npz`` (28x28x1; validation is 10% carved from it, the test set is
-withheld), 1 epoch (421 steps at batch 128), target 50% sparsity, seed 0: about 3-4 minutes on a
-2-core CPU. ``benchmarks/mnist_conv4_structured.py`` runs it beside unstructured CRBG and
-edge-popup and measures the compacted ticket's speed.
+Conv4 x0.5 (convs 32, 32, 64, 64; FC 128, 128; 483,872 weights, no biases) on MNIST (28x28x1;
+validation is 10% carved from the training set), 1 epoch (421 steps at batch 128), target 50%
+sparsity, seed 0: about 3-4 minutes on a 2-core CPU. ``benchmarks/mnist_conv4_structured.py``
+runs it beside unstructured CRBG and edge-popup and measures the compacted ticket's speed.
 
 Which layers are gated, and how (the recipe):
 
@@ -32,6 +32,12 @@ normalisation: each layer scales them by about the square root of its density); 
 channel of the first two convs (10% validation accuracy). ``logit_scale(s)`` keeps
 1000 * 0.1^(7/2) / (1 - s)^(7/2): 1000 at 0.9, 21 at 0.7, 3.6 at 0.5. CRBG's integral gain
 ``dual_lr`` is scaled to the budget as in configs/mnist_zoo.py.
+
+The published figures were measured on ``npz:`` arrays of the MNIST training set (``x_train``,
+``y_train``: 60,000 images; validation carved from it, the test set unused); pass such arrays with
+``--config.dataset=npz:PATH`` to measure on the same footing. With ``mnist`` (TFDS) the training
+images are the same 60,000, but the validation split drawn from them differs, and the run also
+reports TFDS's test split.
 """
 from __future__ import annotations
 

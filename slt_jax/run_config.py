@@ -19,6 +19,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from slt_jax.data import dataset_problem
 from slt_jax.frozen import FROZEN_DTYPES
 from slt_jax.methods import METHODS
 from slt_jax.methods.schedules import SCHEDULES
@@ -81,11 +82,6 @@ def _string(v) -> str | None:
     return None if isinstance(v, str) else "a string"
 
 
-def _dataset(v) -> str | None:
-    ok = isinstance(v, str) and (v in ("digits", "synthetic") or v.startswith(("npz:", "tfds:")))
-    return None if ok else "digits, synthetic, npz:PATH, tfds:NAME"
-
-
 def _shape(v) -> str | None:
     ok = (isinstance(v, (tuple, list)) and len(v) == 3 and all(isinstance(n, int) and n >= 1 for n in v)
           and v[2] in (1, 3))
@@ -95,7 +91,7 @@ def _shape(v) -> str | None:
 RULES: dict[str, Callable[[Any], str | None]] = {
     "model": _one_of(sorted(MODELS)),
     "method": _one_of(sorted(METHODS)),
-    "dataset": _dataset,
+    "dataset": dataset_problem,
     "sparsity": _number(0.0, 1.0, hi_open=True),
     "batch_size": _int(1),
     "num_steps": _int(0),

@@ -98,8 +98,9 @@ CASES = {
     "unknown_tfds": (["--config.dataset=tfds:surely_not_a_dataset"], ["surely_not_a_dataset", "allowed"]),
     "missing_frozen_from": (["--config.frozen_from=/nonexistent/weights.npz"],
                             ["frozen_from='/nonexistent/weights.npz'", "cannot be read", "allowed", ".npz"]),
-    "unprepared_tfds": (["--config.dataset=tfds:mnist", "--config.tfds_data_dir={d}/no_tfds"],
-                        ["'mnist' is not prepared", "tfds build mnist"]),
+    "unprepared_tfds": (["--config.dataset=mnist", "--config.tfds_data_dir={d}/no_tfds"],
+                        ["'mnist' is not prepared", "tfds build mnist", "npz:PATH"]),
+    "tfds_prefix_on_a_named_dataset": (["--config.dataset=tfds:mnist"], ["dataset='tfds:mnist'", "allowed: mnist"]),
     # Seeds: PRNGKey(2**40) used to alias PRNGKey(0); every accepted seed is its own Threefry key.
     "seed_negative": (["--config.seed=-1"], ["seed=-1", "allowed: an integer in [0, 4294967295]"]),
     "seed_2_32": (["--config.seed=4294967296"], ["seed=4294967296", "allowed: an integer in [0, 4294967295]"]),

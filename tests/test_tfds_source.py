@@ -1,10 +1,14 @@
-"""``tfds:NAME`` through grain: the real loop on mock CIFAR-10, batch purity, augmentations, fail-fast.
+"""TFDS datasets through grain: ``dataset=mnist`` by name, the real loop on mock CIFAR-10, batch purity,
+augmentations, and an unprepared dataset failing in seconds with one line.
 
 The mock: ``tfds.testing.mock_data`` serves random records; the dataset's metadata (splits, file
 format) is written by ``_prepared_metadata`` so that the loader's preparedness check sees a
 prepared array_record dataset, as it would after ``tfds build``.
 """
+import importlib
 import os
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed")
 
 from slt_jax import cli, load_ticket  # noqa: E402
-from slt_jax.data import DataError, load_dataset  # noqa: E402
+from slt_jax.data import DataError, load_dataset, training_arrays  # noqa: E402
 from slt_jax.data.tfds_source import (TfdsDataset, random_resized_crop, resize_center_crop,  # noqa: E402
                                       TRAIN_TRANSFORMS)
 from slt_jax.train import train_and_evaluate  # noqa: E402
@@ -32,17 +36,44 @@ def _prepared_metadata(data_dir, name="cifar10", splits=("train", "test")):
     builder.info.write_to_directory(builder.data_path)
 
 
+def _mock(data_dir, name):
+    _prepared_metadata(data_dir, name)
+    return tfds.testing.mock_data(num_examples=NUM_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES,
+                                  data_dir=str(data_dir))
+
+
 @pytest.fixture
 def mock_cifar(tmp_path):
-    data_dir = tmp_path / "tfds"
-    _prepared_metadata(data_dir)
-    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES,
-                                data_dir=str(data_dir)):
-        yield str(data_dir)
+    with _mock(tmp_path / "tfds", "cifar10"):
+        yield str(tmp_path / "tfds")
+
+
+@pytest.fixture
+def mock_mnist(tmp_path):
+    with _mock(tmp_path / "tfds", "mnist"):
+        yield str(tmp_path / "tfds")
+
+
+def test_mnist_config_runs_on_the_dataset_by_name(mock_mnist, tmp_path):
+    c = importlib.import_module("configs.mnist_lenet300_crbg").get_config()
+    assert c.dataset == "mnist"  # the config's own default: no path a clone lacks
+    c.tfds_data_dir, c.num_steps, c.batch_size, c.eval_batch_size = mock_mnist, 2, 8, 32
+    c.log_every, c.eval_every, c.checkpoint_every, c.num_devices, c.progress, c.plots = 1, 2, 0, 1, False, False
+    data = load_dataset(c)
+    assert (data.name, data.input_shape, data.num_classes, data.augment) == ("mnist", (28, 28, 1), 10, "none")
+    summary = train_and_evaluate(c, str(tmp_path / "run"))
+    assert summary["dataset"] == "mnist" and summary["num_steps"] == 2 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert load_ticket(str(tmp_path / "run" / "ticket")).meta["input_shape"] == [28, 28, 1]
+
+
+def test_training_arrays_read_the_whole_train_split(mock_mnist):
+    x, y = training_arrays("mnist", mock_mnist)
+    assert x.shape == (NUM_EXAMPLES, 28, 28, 1) and x.dtype == np.uint8 and y.shape == (NUM_EXAMPLES,)
+    assert x.std() > 0 and set(np.unique(y)) <= set(range(10))
 
 
 def _tfds_config(c, data_dir):
-    c.dataset = "tfds:cifar10"
+    c.dataset = "cifar10"
     c.tfds_data_dir = data_dir
     c.batch_size = 8
     c.eval_batch_size = 32
@@ -88,17 +119,45 @@ def test_validation_is_carved_from_train_and_epochs_reshuffle(mock_cifar, tiny_c
     assert np.array_equal(np.sort(epoch0), np.sort(epoch1)) and not np.array_equal(epoch0, epoch1)
 
 
-def test_unprepared_dataset_fails_fast_with_how_to_prepare(tiny_config, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_unprepared_dataset_fails_fast_with_how_to_prepare(name, tiny_config, tmp_path, capsys, monkeypatch):
+    """An empty TFDS data dir: one line with the exact command (or the arrays to pass), in seconds, and no
+    connection attempted (tfds's download retries for minutes offline)."""
+    connections = []
+
+    def no_network(sock, address):
+        connections.append(address)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     c = tiny_config
-    c.dataset, c.tfds_data_dir = "tfds:cifar10", str(tmp_path / "empty")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    c.dataset, c.tfds_data_dir = name, str(empty)
+    start = time.monotonic()
     with pytest.raises(DataError) as e:
         load_dataset(c)
+    assert time.monotonic() - start < 20 and connections == []
     message = str(e.value)
-    assert "\n" not in message and "not prepared" in message
-    for hint in ("tfds build cifar10", "TFDS_DATA_DIR", "--config.dataset=tfds:cifar10"):
+    assert "\n" not in message and f"dataset '{name}' is not prepared in {empty}" in message
+    for hint in (f"`pip install tensorflow && tfds build {name} --data_dir={empty} --file_format=array_record`",
+                 "--config.tfds_data_dir", "--config.dataset=npz:PATH holding x_train, y_train"):
         assert hint in message
     assert cli.run(c, str(tmp_path / "run")) == cli.EXIT_BAD_INPUT
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert os.listdir(empty) == []  # nothing downloaded or created
+
+
+def test_manual_download_dataset_says_where_its_files_go(tiny_config, tmp_path):
+    tiny_config.dataset, tiny_config.tfds_data_dir = "imagenet2012", str(tmp_path)
+    with pytest.raises(DataError, match=f"names in {tmp_path}/downloads/manual, then `pip install tensorflow"):
+        load_dataset(tiny_config)
+
+
+def test_each_dataset_has_one_spelling(tiny_config):
+    tiny_config.dataset = "tfds:mnist"
+    with pytest.raises(DataError, match="dataset='tfds:mnist'; allowed: mnist "):
+        load_dataset(tiny_config)
 
 
 def test_unknown_dataset_name_is_a_data_error(tiny_config):
@@ -143,3 +202,19 @@ def test_random_resized_crop_and_cifar_crop_are_seeded():
         assert rows.sum() <= 4 and cols.sum() <= 4
         np.testing.assert_array_equal(zero, rows[:, None] | cols[None, :])
     assert any((s == 0).any() for s in shifted)
+
+
+def test_crbg_study_derives_shifted_mnist_from_the_dataset_it_is_given(mock_mnist, tmp_path, monkeypatch):
+    from benchmarks import crbg_study
+
+    monkeypatch.setenv("TFDS_DATA_DIR", mock_mnist)  # where the study's runs and its derivation read TFDS
+    x, y = training_arrays("mnist")
+    config = crbg_study.cell_config("crbg", "mnist_shifted", 0.9, 0, 1, "mnist", str(tmp_path))
+    path = tmp_path / "data" / "mnist" / "mnist_shifted.npz"
+    assert config.dataset == f"npz:{path}"
+    with np.load(path) as f:
+        shifted, labels = f["x_train"], f["y_train"]
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_array_equal(shifted, crbg_study.shifted(x[..., 0]))
+    assert not np.array_equal(shifted, x[..., 0])
+    assert crbg_study.cell_config("crbg", "mnist", 0.9, 0, 1, "mnist", str(tmp_path)).dataset == "mnist"

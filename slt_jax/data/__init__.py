@@ -1,11 +1,21 @@
 """One entry point from the ``dataset`` string to a dataset object.
 
+The rule: a dataset this project uses by name is given by its name alone (``digits``,
+``synthetic``, ``mnist``, ``fashion_mnist``, ``cifar10``, ``imagenet2012``); local arrays are
+``npz:PATH``; any other tensorflow-datasets dataset is ``tfds:NAME`` (``tfds:`` before one of the
+names above is refused, naming the bare name, so each dataset has one spelling).
+
 * ``digits``: scikit-learn's bundled 8x8 digits (embedded; no network). A fixed stratified 20%
   test split is held out, then the validation split is carved from the rest.
 * ``synthetic``: random images of ``config.synthetic_shape`` with random labels (smoke runs and
   benchmarks; accuracy is chance by construction).
 * ``npz:PATH``: arrays ``x_train``, ``y_train``, optional ``x_test``, ``y_test``; uint8 images or floats.
-* ``tfds:NAME``: a prepared tensorflow-datasets dataset (see ``slt_jax.data.tfds_source``).
+* ``mnist``, ``fashion_mnist``, ``cifar10``, ``imagenet2012`` (``TFDS_NAMES``): tensorflow-datasets
+  datasets, prepared once by TFDS on a machine with network and read from their array_record
+  files (``slt_jax.data.tfds_source``). Unprepared (or offline), a run fails in seconds with one
+  line giving the exact ``tfds build`` command, or the ``npz:`` arrays to pass instead.
+* ``tfds:NAME``: any other prepared TFDS image-classification dataset (NAME, NAME/CONFIG or
+  NAME:VERSION, as ``tfds.builder`` takes it), read the same way.
 """
 from __future__ import annotations
 
@@ -18,7 +28,20 @@ import numpy as np
 
 from slt_jax.data.arrays import ArrayDataset, DataError, available_memory, from_arrays, gib, preprocess, split_off
 
-DATASET_KINDS = ("digits", "synthetic", "npz:PATH", "tfds:NAME")
+TFDS_NAMES = ("mnist", "fashion_mnist", "cifar10", "imagenet2012")
+DATASET_KINDS = ("digits", "synthetic", *TFDS_NAMES, "npz:PATH", "tfds:NAME")
+
+
+def dataset_problem(spec: Any) -> str | None:
+    """None if ``spec`` follows the module's rule, else what is allowed instead (for a one-line error)."""
+    if spec in ("digits", "synthetic", *TFDS_NAMES) or (isinstance(spec, str) and spec.startswith("npz:")):
+        return None
+    if isinstance(spec, str) and spec.startswith("tfds:") and spec[5:]:
+        name = spec[5:]
+        if name in TFDS_NAMES:
+            return f"{name} (a dataset with a name of its own is given by that name alone)"
+        return None
+    return ", ".join(DATASET_KINDS)
 
 
 def _digits(config) -> ArrayDataset:
@@ -65,6 +88,8 @@ def _npy_header(z: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dt
 def _npz_arrays(path: str) -> dict[str, np.ndarray]:
     """The arrays of NPZ_KEYS in an npz; shapes and dtypes are read from the .npy headers first, so
     pickled objects and data that cannot fit in memory are refused before anything is allocated."""
+    if not os.path.isfile(path):
+        raise DataError(f"npz file {path!r} does not exist; give --config.dataset=npz:PATH with an existing .npz file")
     unreadable = f"{path!r} is not a readable .npz file ({{}}); save it with numpy.savez"
     try:
         with zipfile.ZipFile(path) as z:
@@ -86,7 +111,8 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
     if need > available:
         raise DataError(f"{path!r}: x_train of shape {shape} ({dtype}) needs {gib(need)} in memory ({gib(stored)} as "
                         f"stored, {gib(4 * math.prod(shape))} as float32 inputs) but {gib(available)} is available; "
-                        "allowed: a dataset that fits in memory, or tfds:NAME, which reads from disk")
+                        "allowed: a dataset that fits in memory, or a TFDS dataset (mnist, ..., tfds:NAME), which "
+                        "reads from disk")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in headers}
@@ -95,8 +121,6 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
 
 
 def _npz(path: str, config) -> ArrayDataset:
-    if not os.path.isfile(path):
-        raise DataError(f"npz file {path!r} does not exist; give --config.dataset=npz:PATH with an existing .npz file")
     arrays = _npz_arrays(path)
     return from_arrays(f"npz:{path}", arrays["x_train"], arrays["y_train"], arrays.get("x_test"), arrays.get("y_test"),
                        val_fraction=config.val_fraction, split_seed=config.split_seed,
@@ -106,17 +130,33 @@ def _npz(path: str, config) -> ArrayDataset:
 def load_dataset(config) -> Any:
     """The dataset named by ``config.dataset`` (see the module docstring)."""
     spec = config.dataset
+    problem = dataset_problem(spec)
+    if problem:
+        raise DataError(f"dataset={spec!r}; allowed: {problem}")
     if spec == "digits":
         return _digits(config)
     if spec == "synthetic":
         return _synthetic(config)
-    if isinstance(spec, str) and spec.startswith("npz:"):
+    if spec.startswith("npz:"):
         return _npz(spec[4:], config)
-    if isinstance(spec, str) and spec.startswith("tfds:"):
-        from slt_jax.data.tfds_source import load_tfds
+    from slt_jax.data.tfds_source import load_tfds
 
-        return load_tfds(spec[5:], config)
-    raise DataError(f"unknown dataset {spec!r}; allowed: {', '.join(DATASET_KINDS)}")
+    return load_tfds(spec, config)
 
 
-__all__ = ["ArrayDataset", "DataError", "load_dataset", "preprocess"]
+def training_arrays(spec: str, tfds_data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The whole training set of ``npz:PATH`` or a TFDS dataset as raw arrays (images as stored, labels),
+    before any validation split: to derive a transformed copy of a dataset (e.g. shifted MNIST)."""
+    if spec.startswith("npz:"):
+        arrays = _npz_arrays(spec[4:])
+        return arrays["x_train"], arrays["y_train"]
+    if dataset_problem(spec) or spec in ("digits", "synthetic"):
+        raise DataError(f"dataset {spec!r} has no training arrays to read; allowed: npz:PATH, "
+                        f"{', '.join(TFDS_NAMES)}, tfds:NAME")
+    from slt_jax.data.tfds_source import read_split
+
+    return read_split(spec, "train", tfds_data_dir)
+
+
+__all__ = ["ArrayDataset", "DataError", "TFDS_NAMES", "dataset_problem", "load_dataset", "preprocess",
+           "training_arrays"]

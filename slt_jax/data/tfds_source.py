@@ -1,4 +1,14 @@
-"""``tfds:NAME``: a prepared tensorflow-datasets image dataset, read without TensorFlow.
+"""The tensorflow-datasets datasets (``mnist``, ``cifar10``, ... and ``tfds:NAME``; see ``slt_jax.data``):
+prepared image datasets, read without TensorFlow.
+
+Preparing is TFDS's job, done once on a machine with network (``tfds build`` needs TensorFlow)::
+
+    pip install tensorflow && tfds build mnist --data_dir=DIR --file_format=array_record
+
+DIR defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets; a run reads ``config.tfds_data_dir``
+(the same default). ``prepared_builder`` checks the local metadata before anything else, so an
+unprepared dataset (or a machine without network) fails in seconds with that command in a one-line
+error, where tfds's own download would retry for minutes.
 
 Records come from ``tfds.data_source`` (array_record files, random access) through a grain
 ``MapDataset``; the dataset needs features ``image`` (uint8 HWC) and ``label`` (ClassLabel).
@@ -35,12 +45,14 @@ expects images already resized and cropped to 224x224: pass them through ``resiz
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from slt_jax.data.arrays import DataError, normalisation, preprocess
+from slt_jax.data.arrays import DataError, available_memory, gib, normalisation, preprocess
 
 AUGMENTATIONS = ("auto", "cifar", "imagenet", "none")
 IMAGENET_SIZE, IMAGENET_RESIZE = 224, 256
@@ -216,39 +228,86 @@ class TfdsDataset:
             yield preprocess(images, self.preprocessing), labels
 
 
-def _prepare_hint(name: str, data_dir: str) -> str:
-    return (f"tfds dataset {name!r} is not prepared in {data_dir}; on a machine with network (and TensorFlow) run "
-            f"`TFDS_DATA_DIR=DIR tfds build {name} --file_format=array_record`, copy DIR here, then run with "
-            f"TFDS_DATA_DIR=DIR or --config.tfds_data_dir=DIR and --config.dataset=tfds:{name}")
+def _prepare_hint(dataset: str, name: str, root: str, manual: bool) -> str:
+    """One line: the exact command that prepares ``name`` where it was looked for, or the arrays to pass instead."""
+    manual_step = (f"put the files `tfds.builder({name!r}).MANUAL_DOWNLOAD_INSTRUCTIONS` names in "
+                   f"{root}/downloads/manual, then " if manual else "")
+    return (f"dataset {dataset!r} is not prepared in {root}; prepare it once, on a machine with network: "
+            f"{manual_step}`pip install tensorflow && tfds build {name} --data_dir={root} --file_format=array_record` "
+            f"(built elsewhere: copy that directory here, or point --config.tfds_data_dir at it); or pass the arrays "
+            f"instead: --config.dataset=npz:PATH holding x_train, y_train (optional x_test, y_test)")
 
 
-def load_tfds(name: str, config: Any) -> TfdsDataset:
-    """The prepared TFDS dataset ``name``; fails in seconds, before any download, if it is not there."""
+def prepared_builder(dataset: str, data_dir: str = "") -> Any:
+    """The TFDS builder of ``dataset`` (a name of ``TFDS_NAMES`` or ``tfds:NAME``), checked to be prepared as
+    array_record files in ``data_dir`` ("": $TFDS_DATA_DIR, else ~/tensorflow_datasets).
+
+    Fails in seconds with a one-line DataError when it is not: the check reads only local metadata, so
+    nothing is downloaded (tfds's own download retries for minutes when offline)."""
+    name = dataset.removeprefix("tfds:")
     try:
         import grain  # noqa: F401
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise DataError(f"tfds:{name} needs the tfds extra ({e.name} is missing): pip install 'slt-jax[tfds]'") from None
+        raise DataError(f"dataset {dataset!r} is read with tensorflow-datasets, but {e.name} is not installed: "
+                        f"pip install 'slt-jax[tfds]'; or pass the arrays instead: --config.dataset=npz:PATH holding "
+                        "x_train, y_train (optional x_test, y_test)") from None
     try:
-        builder = tfds.builder(name, data_dir=config.get("tfds_data_dir") or None)
+        builder = tfds.builder(name, data_dir=data_dir or None)
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(f"unknown tfds dataset {name!r}; allowed: a name from `tfds.list_builders()`, "
                         "optionally NAME/CONFIG or NAME:VERSION") from None
-    if not builder.is_prepared():
-        raise DataError(_prepare_hint(name, str(builder.data_dir)))
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # is_prepared warns of the folder it found empty: noise beside the one line below
+    try:
+        prepared = builder.is_prepared()
+    finally:
+        absl_log.setLevel(level)
+    if not prepared:
+        raise DataError(_prepare_hint(dataset, name, str(builder.data_dir_root),
+                                      bool(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None))))
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
         raise DataError(f"tfds dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}; "
                         f"reading without TensorFlow needs array_record: rebuild it with "
-                        f"`tfds build {name} --file_format=array_record`")
+                        f"`tfds build {name} --data_dir={builder.data_dir_root} --file_format=array_record`")
     features = builder.info.features
     if "image" not in features or "label" not in features or not hasattr(features["label"], "num_classes"):
         raise DataError(f"tfds dataset {name!r} has features {sorted(features)}; allowed: image classification "
                         "datasets with an 'image' and a ClassLabel 'label'")
-    splits = builder.info.splits
+    return builder
+
+
+def load_tfds(dataset: str, config: Any) -> TfdsDataset:
+    """The prepared TFDS dataset ``dataset`` (a name of ``TFDS_NAMES`` or ``tfds:NAME``); fails in seconds,
+    before any download, if it is not there."""
+    builder = prepared_builder(dataset, config.get("tfds_data_dir", ""))
+    splits, features = builder.info.splits, builder.info.features
     test_split = next((s for s in ("test", "validation") if s in splits), None)
     augment = _choose_augment(config.get("augment", "auto"), features["image"].shape)
     return TfdsDataset(
-        f"tfds:{name}", builder.as_data_source("train"),
+        dataset, builder.as_data_source("train"),
         builder.as_data_source(test_split) if test_split else None,
         num_classes=features["label"].num_classes, augment=augment,
         val_fraction=config.val_fraction, split_seed=config.split_seed)
+
+
+def read_split(dataset: str, split: str = "train", data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """A whole split of a prepared TFDS dataset as in-memory arrays (images as stored, int32 labels), for
+    datasets of fixed-size images that fit in memory (e.g. to derive a transformed copy of MNIST)."""
+    builder = prepared_builder(dataset, data_dir)
+    image = builder.info.features["image"]
+    shape, dtype = image.shape, np.dtype(image.np_dtype)
+    if None in shape:
+        raise DataError(f"dataset {dataset!r} has images of varying size {shape}; read_split needs fixed-size images")
+    n = builder.info.splits[split].num_examples
+    need = n * math.prod(shape) * dtype.itemsize
+    if need > available_memory():
+        raise DataError(f"the {split} split of {dataset!r} needs {gib(need)} in memory but {gib(available_memory())} "
+                        "is available; allowed: a dataset that fits in memory")
+    source = builder.as_data_source(split)
+    images, labels = np.empty((n, *shape), dtype), np.empty(n, np.int32)
+    for i in range(n):
+        record = source[i]
+        images[i], labels[i] = record["image"], record["label"]
+    return images, labels
