@@ -15,6 +15,8 @@ a different config or on different data is refused (``CheckpointMismatch``).
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import re
@@ -23,6 +25,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from flax import serialization
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,32 @@ def committed_steps(directory: str) -> list[int]:
         return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
     except OSError:
         return []
+
+
+def data_fingerprint(dataset: Any) -> dict[str, str]:
+    """What the checkpoint records about the data, so a resume on other data is refused: a SHA-256 of the
+    dtype, shape and bytes of every array of an in-memory dataset (digits, synthetic, npz), or of a tfds
+    dataset's name, version and split sizes (hashing its files would take minutes)."""
+    digest = hashlib.sha256()
+    keys = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+    if any(isinstance(getattr(dataset, k, None), np.ndarray) for k in keys):
+        for key in keys:
+            a = getattr(dataset, key, None)
+            if a is None:
+                digest.update(f"{key}=None;".encode())
+                continue
+            a = np.ascontiguousarray(a)
+            digest.update(f"{key}={a.dtype.str}{a.shape};".encode())
+            digest.update(a.reshape(-1).view(np.uint8).data)
+    else:
+        parts = {"num_train": getattr(dataset, "num_train", None), "num_classes": getattr(dataset, "num_classes", None)}
+        for split in ("train", "test"):
+            source = getattr(dataset, f"_{split}_source", None)
+            info = getattr(source, "dataset_info", None)
+            parts[split] = None if source is None else {"size": len(source), "name": str(getattr(info, "full_name", "")),
+                                                        "version": str(getattr(info, "version", ""))}
+        digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return {"name": str(getattr(dataset, "name", type(dataset).__name__)), "sha256": digest.hexdigest()}
 
 
 class Checkpointer:

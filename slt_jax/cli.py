@@ -27,7 +27,8 @@ from slt_jax.checkpoint import CheckpointMismatch, StorageError
 from slt_jax.data import DataError
 from slt_jax.frozen import FrozenWeightsError
 from slt_jax.run_config import ConfigError, default_workdir
-from slt_jax.train import Preempted, TrainingDiverged, WorkdirInUse, train_and_evaluate
+from slt_jax.train import Preempted, TrainingDiverged, train_and_evaluate
+from slt_jax.workdir import WorkdirInUse
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STORAGE, EXIT_INTERRUPTED = 2, 3, 4, 130
 

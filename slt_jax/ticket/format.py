@@ -1,0 +1,210 @@
+"""The ticket directory: its files, ``ticket.json``'s schema and versions; ``save_ticket``, ``load_ticket``.
+
+A ticket directory holds
+
+* ``ticket.json``: model spec, input shape, weight-init seed, gating (policy, structured),
+  input preprocessing, the method and the metrics measured on it, its size in bits, and
+  ``mask_integrity`` (``slt_jax.ticket.integrity``);
+* ``mask.npz``: each gated leaf's shape and binary gates, bit-packed or Golomb-coded
+  (``slt_jax.ticket.coding``);
+* ``state.npz``, only for models with running statistics (BatchNorm): those statistics;
+* ``redraws.npz``, only for methods that re-draw weights (IteRand): per gated leaf, each kept
+  weight's generation (uint8/uint16; 0 = the seed's own weight, j = its j-th re-draw; 0 for
+  pruned weights, whose values the ticket never uses).
+
+``ticket.json`` needs ``seed`` and ``input_shape``; ``model`` (a zoo spec) lets a ticket reload
+alone, any other Flax module is passed to ``load_ticket(path, model=...)``. ``load_ticket``
+refuses a damaged ticket with a one-line ``TicketError`` (a ``ValueError``) naming the file and
+leaf. Format-1 tickets (written before ``mask_integrity`` existed) still load, with every check but
+those against the record.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from slt_jax import masking
+from slt_jax.models import create_model
+from slt_jax.ticket.atomic_directory import replaced_atomically
+from slt_jax.ticket.coding import encode_masks
+from slt_jax.ticket.errors import TicketError, one_line
+from slt_jax.ticket.integrity import (check_masks, check_redraws, check_state, integrity_record, redraws_sha256,
+                                      state_sha256, with_counts)
+from slt_jax.ticket.predict import Ticket
+from slt_jax.ticket.regenerate import variable_shapes
+
+# 2: ticket.json records ``mask_integrity`` (each gated leaf's shape, kept count and sha256, the
+# whole mask's sha256, the gated-weight count and sparsity), which load_ticket checks. Tickets of
+# format 1 (written before) still load, without those checks: they record nothing to check against.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+
+
+def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[str, Any] | None = None,
+                coding: str = "packbits", model: Any = None, generation: Any = None) -> None:
+    """Writes a ticket directory atomically: a crash mid-write leaves any previous ticket intact.
+
+    ``masks``: the binary gate masks, shaped like the params (``method.binary_masks(gates)``).
+    ``meta`` needs ``seed`` (the weights' seed) and ``input_shape`` (without the batch axis); a
+    zoo model adds ``model`` (its spec), any other module its ``init_kwargs`` if it needs some.
+    Optional: ``frozen_dtype``, ``frozen_from`` ({"path", "sha256"}), ``preprocessing``, ``metrics``.
+    ``model``: the Flax module of a ticket outside the zoo; with it, a structured mask's gated
+    weights are counted (without it only an unstructured mask's are). ``generation``: for a method
+    that re-draws weights (IteRand), each gated weight's generation (ints shaped like ``masks``);
+    the kept weights' are stored in ``redraws.npz`` and replayed by ``frozen_params()``.
+
+    ticket.json also records ``mask_integrity`` (each gated leaf's shape, kept gates and sha256, the
+    whole mask's sha256, gates, gated weights and sparsity), and ``size.gated_weights`` and
+    ``metrics.sparsity`` measured on the mask; ``load_ticket`` refuses a mask that disagrees. The
+    directory follows the umask; ``.ticket-tmp-*`` directories that killed saves left beside it
+    are removed.
+    """
+    missing = [k for k in ("seed", "input_shape") if k not in meta]
+    if missing:
+        raise ValueError(f"ticket meta lacks {', '.join(missing)}; required: seed, input_shape")
+    named = {name: np.asarray(m, bool) for name, m in masking.named_leaves(masks).items()}
+    if not named or not sum(m.size for m in named.values()):
+        raise ValueError("the masks gate nothing: a ticket needs at least one gated leaf")
+    arrays = encode_masks(masks, coding)
+    record = integrity_record(named, meta, model)
+    meta = with_counts(meta, record)
+    with replaced_atomically(path) as tmp:
+        np.savez(os.path.join(tmp, "mask.npz"), **arrays)
+        if model_state:
+            flat = {k: np.asarray(v) for k, v in masking.named_leaves(model_state).items()}
+            np.savez(os.path.join(tmp, "state.npz"), **flat)
+            record["state_sha256"] = state_sha256(flat)
+        if generation is not None:
+            kept = _kept_generations(named, generation)
+            np.savez_compressed(os.path.join(tmp, "redraws.npz"), **kept)
+            record["redraws_sha256"] = redraws_sha256(kept)
+        with open(os.path.join(tmp, "ticket.json"), "w") as f:
+            json.dump({**meta, "format_version": FORMAT_VERSION, "mask_coding": coding, "mask_integrity": record},
+                      f, indent=2, sort_keys=True)
+
+
+def _kept_generations(named_masks: dict[str, np.ndarray], generation: Any) -> dict[str, np.ndarray]:
+    """Each gated leaf's generations where its mask keeps the weight, 0 elsewhere, in the smallest
+    unsigned dtype that holds them."""
+    out = {}
+    for name, g in masking.named_leaves(generation).items():
+        g = np.where(named_masks[name], np.asarray(g), 0)
+        if g.min(initial=0) < 0 or g.max(initial=0) > np.iinfo(np.uint16).max:
+            raise ValueError(f"generation of {name!r} outside [0, 65535]")
+        out[name] = g.astype(np.uint8 if g.max(initial=0) <= np.iinfo(np.uint8).max else np.uint16)
+    return out
+
+
+def _read_npz(path: str, where: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``, or ``TicketError``: not there, not a zip of ``.npy`` files, an
+    array whose header claims more data than the archive holds (checked before it is allocated),
+    pickled objects, or any other read failure."""
+    import zipfile
+
+    if not os.path.isfile(path):
+        raise TicketError(f"{where} is missing")
+    if not zipfile.is_zipfile(path):
+        raise TicketError(f"{where} is not an .npz archive (not a zip file)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise ValueError(f"member {info.filename!r} is not an .npy array")
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f"member {info.filename!r} is .npy version {version}, not 1.0 or 2.0")
+                if dtype.hasobject:
+                    raise ValueError(f"member {info.filename!r} holds Python objects")
+                if math.prod(shape) * dtype.itemsize > info.file_size:
+                    raise ValueError(f"member {info.filename!r} claims shape {list(shape)} of {dtype}, more than "
+                                     f"its {info.file_size} bytes")
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:  # zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, ...: damaged
+        raise TicketError(f"{where} cannot be read ({one_line(e)})") from None
+
+
+def _read_meta(path: str) -> dict[str, Any]:
+    meta_path = os.path.join(path, "ticket.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{path!r} is not a ticket directory: it has no ticket.json")
+    where = f"{meta_path}"
+    try:
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise TicketError(f"{where} cannot be read as JSON ({one_line(e)})") from None
+    if not isinstance(meta, dict):
+        raise TicketError(f"{where} holds a JSON {type(meta).__name__}, not an object")
+    version = meta.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise TicketError(f"{where}: format_version {version!r}; this slt_jax reads "
+                          f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}")
+    missing = [k for k in ("seed", "input_shape") if k not in meta]
+    if missing:
+        raise TicketError(f"{where} lacks {', '.join(missing)}")
+    seed, shape = meta["seed"], meta["input_shape"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TicketError(f"{where}: seed {seed!r} is not an integer")
+    if (not isinstance(shape, list) or not shape or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)):
+        raise TicketError(f"{where}: input_shape {shape!r} is not a list of positive integers")
+    if version >= 2:
+        record = meta.get("mask_integrity")
+        if not (isinstance(record, dict) and isinstance(record.get("leaves"), dict) and record["leaves"]
+                and all(isinstance(r, dict) and isinstance(r.get("shape"), list) and isinstance(r.get("sha256"), str)
+                        for r in record["leaves"].values())):
+            raise TicketError(f"{where}: format_version {version} needs mask_integrity with each gated leaf's "
+                              "shape and sha256; it is missing or damaged")
+    return meta
+
+
+def load_ticket(path: str, model: Any = None, frozen_from: str | None = None) -> Ticket:
+    """Loads a ticket directory written by ``save_ticket`` (any run's ``WORKDIR/ticket``).
+
+    ``model``: the Flax module the ticket was made on; needed unless the ticket records a zoo
+    spec. ``frozen_from``: where the recorded params file lies now, if it moved (its sha256 must
+    still match).
+
+    A damaged ticket is refused with a one-line ``TicketError`` (a ``ValueError``) naming the file
+    and leaf: bad JSON, missing or unreadable ``mask.npz``, missing keys, codes or shapes that do
+    not fit the model (checked before anything is allocated), a ``state.npz`` that does not fit,
+    and, for tickets of format 2, a mask whose sha256, leaves or weight counts differ from
+    ``mask_integrity``. Tickets of format 1 load without the sha256 checks.
+    """
+    meta = _read_meta(path)
+    if model is None:
+        if "model" not in meta:
+            raise ValueError(f"ticket {path!r} is of a model outside the zoo; pass it: load_ticket(path, model=module)")
+        try:
+            model = create_model(meta["model"])
+        except Exception as e:
+            raise TicketError(f"{os.path.join(path, 'ticket.json')}: its model {meta['model']!r} cannot be built "
+                              f"({one_line(e)})") from None
+    try:
+        variables = variable_shapes(model, meta)
+    except Exception as e:
+        raise TicketError(f"{os.path.join(path, 'ticket.json')}: the model cannot be initialised on input_shape "
+                          f"{meta['input_shape']} ({one_line(e)[:300]})") from None
+    masks = check_masks(path, _read_npz(os.path.join(path, "mask.npz"), os.path.join(path, "mask.npz")),
+                        variables["params"], meta)
+    state = None
+    state_path = os.path.join(path, "state.npz")
+    if os.path.lexists(state_path):
+        state = _read_npz(state_path, state_path)
+        check_state(path, state, {k: v for k, v in variables.items() if k != "params"}, meta)
+    generations = None
+    redraws_path = os.path.join(path, "redraws.npz")
+    if os.path.lexists(redraws_path) or (meta.get("mask_integrity") or {}).get("redraws_sha256"):
+        generations = _read_npz(redraws_path, redraws_path)
+        check_redraws(path, generations, masks, meta)
+    return Ticket(meta, masks, state, model, frozen_from, generations)
