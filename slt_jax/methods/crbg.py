@@ -19,15 +19,32 @@ weights removed either way.
   (``slt_jax.methods.multiplier``); with ``dual_kp = 0`` (plain dual ascent) it overshot the
   target by several points.
   ``"fixed"``: lambda = ``lam`` throughout (d_target only shifts the loss).
+* Landing on the target (issue 21). A ticket at the wrong sparsity is a wrong answer, and the
+  threshold rule's density responds to lambda slowly and one way (a gate the clip has closed gets
+  no data gradient, so a density below target does not come back). Three pieces, each optional:
+
+  - ``target_ramp`` r > 0: the constraint holds the density t_s at step s to the cubic ramp of
+    gradual pruning (Zhu & Gupta 2017), t_s = d_T + (d_0 - d_T)(1 - s / (r T))^3 for s < r T and
+    d_T after, d_0 = max(d_T, 1/2) (the initial ticket's density: gates start at test gate ~1/2), T
+    = ``num_steps``; the target is met at r T and held for the rest of the budget.
+  - ``controller="geometric"``: the multiplier's integral runs on log lambda and on the relative
+    violation (b - t_s) / t_s, with gain ``geometric_gain`` / T per step, so the gain follows the
+    budget and lambda reaches whatever scale the model needs (``slt_jax.methods.multiplier``);
+    ``"pi"`` is the controller in lambda's own units above.
+  - ``project_on_miss``: when the threshold rule's ticket is further than ``landing_tolerance`` from
+    d_T, the ticket is the weight-counted rank projection instead (``projected_masks``), and
+    ``landing`` reports it; a ticket still off target (a unit gate's share of the weights exceeds
+    the tolerance, or ties) is reported as a miss, never as reached.
 * The temperature (sigma for the Gaussian gate) anneals geometrically from ``temp_start`` to
   ``temp_end``: less noise late in training lets gates settle.
 * The decision term (g = deterministic gate) ramps linearly from 0 to ``decision_weight`` over
   the second half of training; it pushes gates to exactly 0 or 1 so that the binary ticket
   computes what the trained stochastic network computed.
 * The ticket (``binary_rule``): ``"threshold"`` keeps a weight iff its deterministic gate exceeds
-  1/2; ``"rank"`` keeps the round((1 - sparsity) n) gates with the largest parameters over all
-  gated leaves (counting gates, so meant for one gate per weight), which hits the target exactly.
-  The multiplier answers to the threshold rule's density either way.
+  1/2; ``"rank"`` keeps the gates with the largest parameters over all gated leaves, as many as
+  bring the weight-counted density nearest to 1 - sparsity (``projected_masks``; one gate per
+  weight: exactly round((1 - sparsity) n) weights). The multiplier answers to the threshold rule's
+  density either way.
 * How the budget is spread over the gated leaves (``density_constraint``). Leaf l holds n_l gated
   weights (``slt_jax.masking.weights_per_gate`` times its gates), a share s_l = n_l / sum_k n_k; d_l and b_l are
   its expected and binary densities, so d = sum_l s_l d_l and b = sum_l s_l b_l.
