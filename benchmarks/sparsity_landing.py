@@ -17,6 +17,8 @@ Variants (``crbg.*`` keys; the rest of the recipe unchanged):
 
 * ``old``: the PI multiplier on the binary density (``dual_lr`` 0.05 or the zoo config's budget-scaled
   one, ``dual_kp`` 100), the target from the first step, the threshold rule's ticket as it lands;
+* ``old_projected``: ``old``'s training, and the rank projection when its ticket misses by more
+  than 0.3 point (``project_on_miss``);
 * ``new``: the geometric controller (``slt_jax.methods.multiplier``; integral gain 50 over the
   budget, proportional 5 on log lambda) tracking a cubic target ramp over the first 30% of the
   budget, and the rank projection when the threshold rule still misses by more than 0.003
@@ -45,6 +47,7 @@ GROUPS = ("digits", "lenet", "conv4")
 TARGETS = {"digits": (0.8, 0.9, 0.95), "lenet": (0.9, 0.95), "conv4": (0.9,)}
 VARIANTS: dict[str, dict[str, Any]] = {
     "old": {"controller": "pi", "target_ramp": 0.0, "project_on_miss": False},
+    "old_projected": {"controller": "pi", "target_ramp": 0.0, "project_on_miss": True},
     "new": {"controller": "geometric", "target_ramp": 0.3, "geometric_gain": 50.0, "geometric_kp": 5.0,
             "project_on_miss": True},
 }
