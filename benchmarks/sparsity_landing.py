@@ -24,6 +24,14 @@ Variants (``crbg.*`` keys; the rest of the recipe unchanged):
   budget, and the rank projection when the threshold rule still misses by more than 0.003
   (``slt_jax.methods.crbg``). Screened on the digits only (0.8, 0.9, 0.95; 1,200 and 300 steps).
 
+What the table shows (benchmarks/results/sparsity_landing/table.md): ``old`` lands on LeNet's full
+budget and 1,000 steps at 0.90, and misses everywhere else; ``old_projected`` and ``new`` land
+everywhere, but ``new``'s controller overshoots (the threshold rule ends 0.3-2 points past the
+target, and the projection re-opens gates the training closed), which costs accuracy wherever
+``old`` lands (most on LeNet's full budget at 0.95, and Conv4's ticket is at chance); projecting a
+large miss costs accuracy too (digits at 0.95). Neither is better than ``old`` on both counts, so
+the defaults stay ``old``'s.
+
 Each row: the ticket's sparsity, the threshold rule's, whether the ticket was projected, whether it
 is within 0.003 of the target, and the binary ticket's validation accuracy (MNIST: 10% carved from
 the training set; the test set is not used). OUT/results.jsonl (a rerun skips the jobs it holds:

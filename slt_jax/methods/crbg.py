@@ -35,6 +35,10 @@ weights removed either way.
     d_T, the ticket is the weight-counted rank projection instead (``projected_masks``), and
     ``landing`` reports it; a ticket still off target (a unit gate's share of the weights exceeds
     the tolerance, or ties) is reported as a miss, never as reached.
+
+  All three are off by default: in ``benchmarks/sparsity_landing.py`` the geometric controller
+  with the ramp overshot the target on LeNet-300-100 and Conv4 (threshold rule 0.3-2 points past
+  it) and its projected tickets lost accuracy where the PI controller lands (LeNet's full budget).
 * The temperature (sigma for the Gaussian gate) anneals geometrically from ``temp_start`` to
   ``temp_end``: less noise late in training lets gates settle.
 * The decision term (g = deterministic gate) ramps linearly from 0 to ``decision_weight`` over
