@@ -176,6 +176,16 @@ def _train(run: Run, state: TrainState, checkpointer: Checkpointer, signals: Pre
     return state
 
 
+def _warn_landing(summary: dict[str, Any], tolerance: float) -> None:
+    target, threshold = summary["target_sparsity"], summary["threshold_sparsity"]
+    if not summary["target_reached"]:
+        log.warning("the ticket MISSED its target sparsity: %.4f against %.4f (tolerance %.4f; the threshold rule's "
+                    "ticket: %.4f)", summary["sparsity"], target, tolerance, threshold)
+    elif summary["projected"]:
+        log.warning("the threshold rule's ticket missed its target sparsity (%.4f against %.4f); the ticket was "
+                    "projected by rank to %.4f", threshold, target, summary["sparsity"])
+
+
 def _finish(run: Run, state: TrainState, train_seconds: float, workdir: str, signals: PreemptionFlag,
             is_main: bool) -> dict[str, Any]:
     """The final evaluation and the ticket; a signal before the ticket is written stops here (the final
@@ -192,6 +202,9 @@ def _finish(run: Run, state: TrainState, train_seconds: float, workdir: str, sig
     final = run.evaluate(state, splits=("val", "test"))
     binary = jax.device_get(run.method.binary_masks(state.gates))
     summary = run_summary(run, final, binary, train_seconds, workdir)
+    if hasattr(run.method, "landing"):  # CRBG: the threshold rule's sparsity, a projection, a miss
+        summary.update(run.method.landing(state.gates))
+        _warn_landing(summary, run.method.landing_tolerance)
     stop_if_signalled()
     if is_main:  # from here on a signal waits: the ticket, plots and summary take a moment
         summary = write_outputs(run, state, summary, binary, workdir)

@@ -19,15 +19,36 @@ weights removed either way.
   (``slt_jax.methods.multiplier``); with ``dual_kp = 0`` (plain dual ascent) it overshot the
   target by several points.
   ``"fixed"``: lambda = ``lam`` throughout (d_target only shifts the loss).
+* Landing on the target (issue 21). A ticket at the wrong sparsity is a wrong answer, and the
+  threshold rule's density responds to lambda slowly and one way (a gate the clip has closed gets
+  no data gradient, so a density below target does not come back). Three pieces, each optional:
+
+  - ``target_ramp`` r > 0: the constraint holds the density t_s at step s to the cubic ramp of
+    gradual pruning (Zhu & Gupta 2017), t_s = d_T + (d_0 - d_T)(1 - s / (r T))^3 for s < r T and
+    d_T after, d_0 = max(d_T, 1/2) (the initial ticket's density: gates start at test gate ~1/2), T
+    = ``num_steps``; the target is met at r T and held for the rest of the budget.
+  - ``controller="geometric"``: the multiplier's integral runs on log lambda and on the relative
+    violation (b - t_s) / t_s, with gain ``geometric_gain`` / T per step, so the gain follows the
+    budget and lambda reaches whatever scale the model needs (``slt_jax.methods.multiplier``);
+    ``"pi"`` is the controller in lambda's own units above.
+  - ``project_on_miss``: when the threshold rule's ticket is further than ``landing_tolerance`` from
+    d_T, the ticket is the weight-counted rank projection instead (``projected_masks``), and
+    ``landing`` reports it; a ticket still off target (a unit gate's share of the weights exceeds
+    the tolerance, or ties) is reported as a miss, never as reached.
+
+  All three are off by default: in ``benchmarks/sparsity_landing.py`` the geometric controller
+  with the ramp overshot the target on LeNet-300-100 and Conv4 (threshold rule 0.3-2 points past
+  it) and its projected tickets lost accuracy where the PI controller lands (LeNet's full budget).
 * The temperature (sigma for the Gaussian gate) anneals geometrically from ``temp_start`` to
   ``temp_end``: less noise late in training lets gates settle.
 * The decision term (g = deterministic gate) ramps linearly from 0 to ``decision_weight`` over
   the second half of training; it pushes gates to exactly 0 or 1 so that the binary ticket
   computes what the trained stochastic network computed.
 * The ticket (``binary_rule``): ``"threshold"`` keeps a weight iff its deterministic gate exceeds
-  1/2; ``"rank"`` keeps the round((1 - sparsity) n) gates with the largest parameters over all
-  gated leaves (counting gates, so meant for one gate per weight), which hits the target exactly.
-  The multiplier answers to the threshold rule's density either way.
+  1/2; ``"rank"`` keeps the gates with the largest parameters over all gated leaves, as many as
+  bring the weight-counted density nearest to 1 - sparsity (``projected_masks``; one gate per
+  weight: exactly round((1 - sparsity) n) weights). The multiplier answers to the threshold rule's
+  density either way.
 * How the budget is spread over the gated leaves (``density_constraint``). Leaf l holds n_l gated
   weights (``slt_jax.masking.weights_per_gate`` times its gates), a share s_l = n_l / sum_k n_k; d_l and b_l are
   its expected and binary densities, so d = sum_l s_l d_l and b = sum_l s_l b_l.
@@ -79,14 +100,15 @@ import optax
 
 from slt_jax import gates as gates_lib
 from slt_jax import masking
-from slt_jax.methods.edgepopup import top_k_masks
-from slt_jax.methods.multiplier import init_multiplier, update_multiplier
+from slt_jax.methods.multiplier import init_log_multiplier, init_multiplier, update_log_multiplier, update_multiplier
 from slt_jax.methods.schedules import learning_rate_schedule
 
 Array = jax.Array
 GateTree = Any  # params-shaped: an array per gated leaf, None elsewhere
 LAMBDA_MODES = ("dual", "fixed")
 BINARY_RULES = ("threshold", "rank")
+CONTROLLERS = ("pi", "geometric")
+SMALLEST_RELATIVE_TARGET = 0.01  # the geometric controller divides by max(t, this): a leaf may get t = 0
 DENSITY_CONSTRAINTS = ("global", "per_layer", "erk", "fan_in")
 
 
@@ -158,6 +180,12 @@ class CRBG:
     binary_rule: str = "threshold"
     density_constraint: str = "global"
     gate_margin: float = 0.0  # 0: unbounded gates
+    target_ramp: float = 0.0  # fraction of the budget over which the target density falls from 1 (0: no ramp)
+    controller: str = "pi"
+    geometric_gain: float = 20.0  # the geometric controller's integral gain over the whole budget
+    geometric_kp: float = 5.0  # and its proportional gain on log lambda
+    project_on_miss: bool = False
+    landing_tolerance: float = 0.003  # the ticket's largest allowed |sparsity - target|
     learning_rate: float = 0.05
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -180,6 +208,17 @@ class CRBG:
         if self.gate_margin < 0 or (self.gate_margin > 0 and self.family != "gaussian"):
             raise ValueError(f"gate_margin must be >= 0 and bounds only the gaussian family's mu, got "
                              f"{self.gate_margin} with family {self.family!r}")
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"unknown controller {self.controller!r}; allowed: {', '.join(CONTROLLERS)}")
+        if not 0.0 <= self.target_ramp <= 1.0:
+            raise ValueError(f"target_ramp={self.target_ramp}; allowed: a fraction of the budget in [0, 1]")
+        if not (self.geometric_gain > 0 and self.geometric_kp >= 0):
+            raise ValueError(f"geometric_gain={self.geometric_gain}, geometric_kp={self.geometric_kp}; allowed: "
+                             "geometric_gain > 0 and geometric_kp >= 0")
+        if not isinstance(self.project_on_miss, bool):
+            raise ValueError(f"project_on_miss={self.project_on_miss!r}; allowed: True or False")
+        if not 0.0 <= self.landing_tolerance < 1.0:
+            raise ValueError(f"landing_tolerance={self.landing_tolerance}; allowed: a number in [0, 1)")
         if not (self.temp_start > 0 and self.temp_end > 0):
             raise ValueError(f"temperatures must be > 0, got temp_start={self.temp_start}, temp_end={self.temp_end}")
 
@@ -193,14 +232,27 @@ class CRBG:
         return gates_lib.init_gates(key, shapes, family=self.family)
 
     def init_state(self, gates: GateTree | None = None) -> dict[str, Array]:
-        """The multiplier: ``lambda`` and its controller's ``integral``, both ``lam`` at the start
-        (per-leaf constraints: one of each per gated leaf, so ``gates`` is needed)."""
+        """The multiplier: ``lambda`` and its controller's ``integral`` (``"pi"``: both ``lam``;
+        ``"geometric"``: lambda = max(lam, e^-7), integral = log lambda); per-leaf constraints: one of
+        each per gated leaf, so ``gates`` is needed."""
+        init = init_log_multiplier if self.controller == "geometric" else init_multiplier
         if self.density_constraint == "global":
-            return init_multiplier(self.lam)
+            return init(self.lam)
         if gates is None:
             raise ValueError(f"density_constraint {self.density_constraint!r} holds a multiplier per gated "
                              "leaf: call init_state(gates)")
-        return init_multiplier(self.lam, (len(jax.tree.leaves(gates)),))
+        return init(self.lam, (len(jax.tree.leaves(gates)),))
+
+    def target_density(self, final: Array | float, step: Array) -> Array:
+        """The density the controller holds at ``step``: ``final`` once the ramp is over, before that
+        final + (start - final) (1 - step / (target_ramp num_steps))^3 (Zhu & Gupta 2017), with
+        start = max(final, 1/2): every family's gates start at test gate ~1/2, about half of them
+        above it, so the ramp starts at the initial ticket's density."""
+        final = jnp.asarray(final, jnp.float32)
+        if self.target_ramp == 0:
+            return final
+        frac = jnp.clip(step / (self.target_ramp * self.num_steps), 0.0, 1.0)
+        return final + (jnp.maximum(final, 0.5) - final) * (1.0 - frac) ** 3
 
     def leaf_budget(self, gates: GateTree) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The gated leaves' names (sorted: the order of the multipliers), weight shares s_l and
@@ -238,30 +290,40 @@ class CRBG:
             prob_open = gates_lib.get_family(self.family).prob_open
             density = self.density(jax.tree.map(lambda g: prob_open(g, self.temp(step)), gates))
             binary = self.density(binary_masks)
-            return state["lambda"] * (density - (1.0 - self.sparsity)) + decision, {
-                "expected_density": density, "binary_density": binary, "lambda": state["lambda"], **logs}
+            target = self.target_density(1.0 - self.sparsity, step)
+            return state["lambda"] * (density - target) + decision, {
+                "expected_density": density, "binary_density": binary, "target_density": target,
+                "lambda": state["lambda"], **logs}
         names, shares, targets = self.leaf_budget(gates)
-        shares, targets = jnp.asarray(shares, jnp.float32), jnp.asarray(targets, jnp.float32)
+        shares = jnp.asarray(shares, jnp.float32)
+        targets = self.target_density(jnp.asarray(targets, jnp.float32), step)
         prob_open = gates_lib.get_family(self.family).prob_open
         leaves, masks = masking.named_leaves(gates), masking.named_leaves(binary_masks)
         expected = jnp.stack([jnp.mean(prob_open(leaves[name], self.temp(step))) for name in names])
         binary = jnp.stack([jnp.mean(masks[name]) for name in names])
         total = jnp.sum(state["lambda"] * (expected - targets)) + decision
         per_leaf = {f"{key}/{name}": value for key, values in (("violation", binary - targets),
-                                                                ("lambda", state["lambda"]))
+                                                                ("target", targets), ("lambda", state["lambda"]))
                     for name, value in zip(names, values)}
         return total, {"expected_density": jnp.dot(shares, expected), "binary_density": jnp.dot(shares, binary),
-                       **per_leaf, **logs}
+                       "target_density": jnp.dot(shares, targets), **per_leaf, **logs}
 
     def update_state(self, state: dict[str, Array], aux: dict[str, Array]) -> dict[str, Array]:
-        """One step of the multiplier's PI controller on the binary density (per-leaf constraints: on
-        each leaf's ``violation/NAME``, b_l - t_l; ``fixed``: unchanged)."""
+        """One step of the multiplier's controller on the binary density's violation b - t of the
+        target at that step (per-leaf constraints: on each leaf's ``violation/NAME``, b_l - t_l;
+        ``"geometric"``: on (b - t) / max(t, 1%); ``fixed``: unchanged)."""
         if self.lambda_mode == "fixed":
             return state
         if self.density_constraint == "global":
-            violation = aux["binary_density"] - (1.0 - self.sparsity)
+            violation, target = aux["binary_density"] - aux["target_density"], aux["target_density"]
         else:
-            violation = jnp.stack([aux[k] for k in sorted(aux) if k.startswith("violation/")])
+            names = sorted(k[len("violation/"):] for k in aux if k.startswith("violation/"))
+            violation = jnp.stack([aux[f"violation/{n}"] for n in names])
+            target = jnp.stack([aux[f"target/{n}"] for n in names])
+        if self.controller == "geometric":
+            relative = violation / jnp.maximum(target, SMALLEST_RELATIVE_TARGET)
+            return update_log_multiplier(state, relative, self.geometric_gain / max(self.num_steps, 1),
+                                         self.geometric_kp)
         return update_multiplier(state, violation, self.dual_lr, self.dual_kp)
 
     def masked_params(self, params: Any, masks: GateTree) -> Any:
@@ -269,13 +331,55 @@ class CRBG:
         return masking.apply_masks(params, masks)
 
     def binary_masks(self, gates: GateTree) -> GateTree:
-        """The ticket (bool, shaped like ``gates``): deterministic gate > 1/2, or the top-ranked gates."""
-        if self.binary_rule == "threshold":
-            return gates_lib.binary_mask(gates, family=self.family)
-        # Every family's deterministic gate rises with its parameter, so rank the parameters
-        # (shifted to >= 0, which the bisection on float bits needs; the order is unchanged).
-        low = min(jnp.min(g) for g in jax.tree.leaves(gates))
-        return top_k_masks(jax.tree.map(lambda g: g - low, gates), 1.0 - self.sparsity, "global")
+        """The ticket (bool, shaped like ``gates``): ``"threshold"``: deterministic gate > 1/2, or,
+        with ``project_on_miss`` and that ticket's sparsity further than ``landing_tolerance`` from
+        the target, the projection (``projected_masks``); ``"rank"``: always the projection. Jit-safe."""
+        threshold = gates_lib.binary_mask(gates, family=self.family)
+        if self.binary_rule == "rank":
+            return self.projected_masks(gates)
+        if not self.project_on_miss:
+            return threshold
+        miss = jnp.abs(self.density(threshold) - (1.0 - self.sparsity)) > self.landing_tolerance
+        return jax.lax.cond(miss, lambda: self.projected_masks(gates), lambda: threshold)
+
+    def projected_masks(self, gates: GateTree) -> GateTree:
+        """The gates whose parameter is >= tau, tau chosen so that the density (counting weights, as
+        ``density``) is the nearest reachable to 1 - sparsity.
+
+        Every family's deterministic gate rises with its parameter, so this is a global rank of the
+        gates, weighted by the weights each closes (a unit gate its fan-in; a weight two gates touch
+        is kept iff both are). The density falls monotonically in tau, so tau is found by bisection
+        on the float bits of the parameters shifted to >= 0 (where the bit order is the value order):
+        tau_lo, the largest tau keeping >= 1 - sparsity, or the next value up, whichever lands nearer.
+        One gate per weight: round((1 - sparsity) n) weights. A gate's share of the weights bounds
+        the precision (a unit gate of LeNet-300-100's first layer: 0.3 points)."""
+        target = 1.0 - self.sparsity
+        low = jnp.min(jnp.stack([jnp.min(g) for g in jax.tree.leaves(gates)]))
+        bits = jax.tree.map(lambda g: jax.lax.bitcast_convert_type((g - low).astype(jnp.float32), jnp.int32), gates)
+
+        def kept(tau):
+            return self.density(jax.tree.map(lambda b: b >= tau, bits))
+
+        def body(_, lo_hi):
+            lo, hi = lo_hi  # invariant: kept(lo) >= target > kept(hi)
+            mid = lo + (hi - lo) // 2
+            ok = kept(mid) >= target
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.int32(0x7F800001)))
+        tau = jnp.where(kept(lo) - target <= target - kept(hi), lo, hi)
+        return jax.tree.map(lambda b: b >= tau, bits)
+
+    def landing(self, gates: GateTree) -> dict[str, Any]:
+        """How the ticket met its target, as Python values: ``threshold_sparsity`` (the threshold
+        rule's ticket), ``projected`` (the ticket is not the threshold rule's) and ``target_reached``
+        (|ticket sparsity - sparsity| <= ``landing_tolerance``). Counts weights as ``density``."""
+        threshold = gates_lib.binary_mask(gates, family=self.family)
+        ticket = self.binary_masks(gates)
+        projected = any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(threshold), jax.tree.leaves(ticket)))
+        reached = abs(float(self.density(ticket)) - (1.0 - self.sparsity)) <= self.landing_tolerance
+        return {"threshold_sparsity": 1.0 - float(self.density(threshold)), "projected": projected,
+                "target_reached": reached}
 
     def optimizer(self) -> optax.GradientTransformation:
         """The recipe's optimiser for the gates: Adam with the learning-rate schedule, then, with
