@@ -58,6 +58,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "old_projected": {"controller": "pi", "target_ramp": 0.0, "project_on_miss": True},
     "new": {"controller": "geometric", "target_ramp": 0.3, "geometric_gain": 50.0, "geometric_kp": 5.0,
             "project_on_miss": True},
+    "shift": {"controller": "pi", "target_ramp": 0.3, "project_on_miss": False, "shift_onto_target": True},
 }
 TOLERANCE = 0.003
 

@@ -35,8 +35,16 @@ weights removed either way.
     d_T, the ticket is the weight-counted rank projection instead (``projected_masks``), and
     ``landing`` reports it; a ticket still off target (a unit gate's share of the weights exceeds
     the tolerance, or ties) is reported as a miss, never as reached.
+  - ``shift_onto_target`` (Gaussian families, global constraint): after every optimiser step all
+    gate parameters move by one constant, mu <- mu + 1/2 - c_s, where c_s lies midway between the
+    smallest parameter the rank projection onto t_s keeps and the largest it closes. A common shift
+    keeps the gates' order, so the threshold rule's ticket *is* the rank projection at every step:
+    it lands on t_s by construction (to a gate's share of the weights), and training sees the ticket
+    it will be scored on, as edge-popup's top-k does, instead of a projection applied once at the end
+    to gates the training had closed. The binary density then equals t_s, so the multiplier sees no
+    violation and stays at ``lam``: the shift, not lambda, holds the density.
 
-  All three are off by default: in ``benchmarks/sparsity_landing.py`` the geometric controller
+  All four are off by default: in ``benchmarks/sparsity_landing.py`` the geometric controller
   with the ramp overshot the target on LeNet-300-100 and Conv4 (threshold rule 0.3-2 points past
   it) and its projected tickets lost accuracy where the PI controller lands (LeNet's full budget).
 * The temperature (sigma for the Gaussian gate) anneals geometrically from ``temp_start`` to
@@ -149,6 +157,17 @@ def project_into(low: float, high: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def shift_onto(method: "CRBG") -> optax.GradientTransformation:
+    """Updates u that land the params on ``method.shifted_onto_target(p + u, t_s)``, t_s the target
+    density of step s (``CRBG.target_density``); its state counts the steps (needs params)."""
+    def update(updates, step, params=None):
+        moved = jax.tree.map(jnp.add, params, updates)
+        target = method.target_density(1.0 - method.sparsity, step)
+        return jax.tree.map(jnp.subtract, method.shifted_onto_target(moved, target), params), step + 1
+
+    return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
+
+
 def leaf_targets(shapes: list[tuple[int, ...]], counts: list[float], density: float, rule: str) -> np.ndarray:
     """Each gated leaf's target density t_l under ``rule`` (``"per_layer"``, ``"erk"``, ``"fan_in"``)."""
     if rule == "erk":
@@ -186,6 +205,7 @@ class CRBG:
     geometric_kp: float = 5.0  # and its proportional gain on log lambda
     project_on_miss: bool = False
     landing_tolerance: float = 0.003  # the ticket's largest allowed |sparsity - target|
+    shift_onto_target: bool = False
     learning_rate: float = 0.05
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -217,6 +237,11 @@ class CRBG:
                              "geometric_gain > 0 and geometric_kp >= 0")
         if not isinstance(self.project_on_miss, bool):
             raise ValueError(f"project_on_miss={self.project_on_miss!r}; allowed: True or False")
+        if not isinstance(self.shift_onto_target, bool):
+            raise ValueError(f"shift_onto_target={self.shift_onto_target!r}; allowed: True or False")
+        if self.shift_onto_target and (not self.family.startswith("gaussian") or self.density_constraint != "global"):
+            raise ValueError(f"shift_onto_target moves mu against the global target: family {self.family!r} with "
+                             f"density_constraint {self.density_constraint!r}; allowed: a gaussian family with 'global'")
         if not 0.0 <= self.landing_tolerance < 1.0:
             raise ValueError(f"landing_tolerance={self.landing_tolerance}; allowed: a number in [0, 1)")
         if not (self.temp_start > 0 and self.temp_end > 0):
@@ -342,7 +367,7 @@ class CRBG:
         miss = jnp.abs(self.density(threshold) - (1.0 - self.sparsity)) > self.landing_tolerance
         return jax.lax.cond(miss, lambda: self.projected_masks(gates), lambda: threshold)
 
-    def projected_masks(self, gates: GateTree) -> GateTree:
+    def projected_masks(self, gates: GateTree, density: Array | float | None = None) -> GateTree:
         """The gates whose parameter is >= tau, tau chosen so that the density (counting weights, as
         ``density``) is the nearest reachable to 1 - sparsity.
 
@@ -352,8 +377,9 @@ class CRBG:
         on the float bits of the parameters shifted to >= 0 (where the bit order is the value order):
         tau_lo, the largest tau keeping >= 1 - sparsity, or the next value up, whichever lands nearer.
         One gate per weight: round((1 - sparsity) n) weights. A gate's share of the weights bounds
-        the precision (a unit gate of LeNet-300-100's first layer: 0.3 points)."""
-        target = 1.0 - self.sparsity
+        the precision (a unit gate of LeNet-300-100's first layer: 0.3 points). ``density``: the
+        target density, 1 - sparsity unless given."""
+        target = 1.0 - self.sparsity if density is None else density
         low = jnp.min(jnp.stack([jnp.min(g) for g in jax.tree.leaves(gates)]))
         bits = jax.tree.map(lambda g: jax.lax.bitcast_convert_type((g - low).astype(jnp.float32), jnp.int32), gates)
 
@@ -370,6 +396,19 @@ class CRBG:
         tau = jnp.where(kept(lo) - target <= target - kept(hi), lo, hi)
         return jax.tree.map(lambda b: b >= tau, bits)
 
+    def shifted_onto_target(self, gates: GateTree, density: Array | float) -> GateTree:
+        """``gates`` + (1/2 - c), c midway between the smallest parameter ``projected_masks(gates,
+        density)`` keeps and the largest it closes: the threshold rule then keeps that projection."""
+        keep = self.projected_masks(gates, density)
+        leaves, kept = jax.tree.leaves(gates), jax.tree.leaves(keep)
+        lowest_kept = jnp.min(jnp.stack([jnp.min(jnp.where(k, g, jnp.inf)) for g, k in zip(leaves, kept)]))
+        highest_closed = jnp.max(jnp.stack([jnp.max(jnp.where(k, -jnp.inf, g)) for g, k in zip(leaves, kept)]))
+        # All kept (or none): the cut goes just below the smallest (above the largest) parameter.
+        cut = jnp.where(jnp.isfinite(highest_closed),
+                        jnp.where(jnp.isfinite(lowest_kept), (lowest_kept + highest_closed) / 2, highest_closed + 1e-3),
+                        lowest_kept - 1e-3)
+        return jax.tree.map(lambda g: g + (gates_lib.BINARY_THRESHOLD - cut), gates)
+
     def landing(self, gates: GateTree) -> dict[str, Any]:
         """How the ticket met its target, as Python values: ``threshold_sparsity`` (the threshold
         rule's ticket), ``projected`` (the ticket is not the threshold rule's) and ``target_reached``
@@ -383,9 +422,12 @@ class CRBG:
 
     def optimizer(self) -> optax.GradientTransformation:
         """The recipe's optimiser for the gates: Adam with the learning-rate schedule, then, with
-        ``gate_margin`` > 0, the projection of mu into [-m, 1 + m]."""
+        ``gate_margin`` > 0, the projection of mu into [-m, 1 + m]; with ``shift_onto_target``, the
+        shift onto the target density of each step (``shift_onto``)."""
         lr = learning_rate_schedule(self.lr_schedule, self.learning_rate, self.num_steps, self.warmup_steps)
-        adam = optax.adam(lr)
-        if self.gate_margin == 0:
-            return adam
-        return optax.chain(adam, project_into(-self.gate_margin, 1.0 + self.gate_margin))
+        steps = [optax.adam(lr)]
+        if self.shift_onto_target:
+            steps.append(shift_onto(self))
+        if self.gate_margin > 0:
+            steps.append(project_into(-self.gate_margin, 1.0 + self.gate_margin))
+        return steps[0] if len(steps) == 1 else optax.chain(*steps)
