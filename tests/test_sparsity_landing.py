@@ -134,3 +134,28 @@ def test_the_landing_control_brings_a_300_step_digits_run_within_0_3_points(tmp_
     # The controller itself comes within a point; the projection only corrects the rest.
     assert abs(summary["threshold_sparsity"] - 0.9) <= 0.01
     assert summary["val_accuracy"] > 0.9
+
+
+def test_the_shift_makes_the_threshold_ticket_the_projection_onto_each_steps_target():
+    params = _params()
+    method = CRBG(num_steps=10, sparsity=0.9, target_ramp=0.5, shift_onto_target=True, param_shapes=params)
+    gates = _mu(masking.gate_shapes(params))
+    tx = method.optimizer()
+    opt_state = tx.init(gates)
+    order = np.argsort(np.concatenate([np.ravel(g) for g in jax.tree.leaves(gates)]))
+    for step in range(10):
+        grads = jax.tree.map(lambda g: jnp.full_like(g, 1e-3), gates)  # one push for all: the order is kept
+        updates, opt_state = tx.update(grads, opt_state, gates)
+        gates = jax.tree.map(jnp.add, gates, updates)
+        threshold = method.binary_masks(gates)
+        assert float(method.density(threshold)) == pytest.approx(float(method.target_density(0.1, step)), abs=2e-4)
+    assert np.array_equal(order, np.argsort(np.concatenate([np.ravel(g) for g in jax.tree.leaves(gates)])))
+    assert method.landing(gates) == {"threshold_sparsity": pytest.approx(0.9, abs=2e-4), "projected": False,
+                                     "target_reached": True}
+
+
+@pytest.mark.parametrize("settings", [{"family": "hard_concrete"}, {"density_constraint": "per_layer"},
+                                      {"shift_onto_target": 1}])
+def test_the_shift_refuses_what_it_cannot_hold(settings):
+    with pytest.raises(ValueError, match="shift_onto_target"):
+        CRBG(num_steps=10, **{"shift_onto_target": True, **settings})
