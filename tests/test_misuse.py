@@ -36,7 +36,8 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
 class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(3)(nn.relu(nn.Dense(4)(x)))
+        h = nn.relu(nn.Dense(4)(x))
+        return nn.Dense(3)(h)
 
 
 # gates_only: the tree it is given must be a variables dict with a "gates" collection.
