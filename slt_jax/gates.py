@@ -140,7 +140,7 @@ FAMILIES: dict[str, GateFamily] = {f.name: f for f in (_gaussian(), _gaussian_st
                                                          _concrete())}
 
 
-def check_temperature(temp: float | Array) -> None:
+def _check_temperature(temp: float | Array) -> None:
     """Raises ValueError unless ``temp`` is a finite number > 0 (each element of an array). A traced
     value (inside ``jit``) has none to check and passes: keeping it positive is the caller's part."""
     if isinstance(temp, jax.core.Tracer):
@@ -152,7 +152,7 @@ def check_temperature(temp: float | Array) -> None:
         raise ValueError(f"temp={temp!r}; allowed: a finite number > 0")
 
 
-def check_gate_tree(tree: GateTree) -> None:
+def _check_gate_tree(tree: GateTree) -> None:
     """Raises ValueError for a tree with no gate, TypeError naming the first leaf that is not a float
     array (a Python float, an int or bool array). Looks at shapes and dtypes only: jit-safe."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -203,8 +203,8 @@ def sample_gates(key: Array, logits: GateTree, temp: float | Array, *, family: s
     ``jax.random`` gives for batched rbg keys, which is not each key's own sample.
     """
     fam = get_family(family)
-    check_gate_tree(logits)
-    check_temperature(temp)
+    _check_gate_tree(logits)
+    _check_temperature(temp)
     return jax.tree.map(lambda k, p: fam.sample(k, p, temp), leaf_keys(key, logits), logits)
 
 
@@ -220,14 +220,14 @@ def gate_mean(per_gate: GateTree) -> Array:
 def expected_density(logits: GateTree, temp: float | Array, *, family: str = "gaussian") -> Array:
     """Mean of P(z > 0) over gates: the expected L0 norm of the gates divided by their number."""
     fam = get_family(family)
-    check_gate_tree(logits)
-    check_temperature(temp)
+    _check_gate_tree(logits)
+    _check_temperature(temp)
     return gate_mean(jax.tree.map(lambda p: fam.prob_open(p, temp), logits))
 
 
 def deterministic_gates(logits: GateTree, *, family: str = "gaussian") -> GateTree:
     """The deterministic gates in [0, 1] with the noise dropped."""
-    check_gate_tree(logits)
+    _check_gate_tree(logits)
     return jax.tree.map(get_family(family).test_gate, logits)
 
 

@@ -47,7 +47,8 @@ def _write_bad_npz_files(d) -> None:
         "objects": dict(x_train=np.array([*x, None], dtype=object)[:40], y_train=y),  # savez pickles them
         "one_class": dict(x_train=x, y_train=np.zeros(40, np.int64)),
         "huge_pixels": dict(x_train=np.where(x > 128, 1e300, x / 255.0), y_train=y),  # inf in float32
-        "ten_classes": dict(x_train=x, y_train=y),  # good data, for cases about something else
+        # good data (enough for a validation split), for cases about something else
+        "ten_classes": dict(x_train=np.concatenate([x] * 5), y_train=np.concatenate([y] * 5)),
     }
     for name, arrays in files.items():
         np.savez(d / f"{name}.npz", **arrays)
