@@ -69,8 +69,9 @@ def main() -> None:
     # A run's workdir stands for its ticket/; a path that is neither, or a ticket that cannot be
     # compacted, is one line on stderr and exit 2.
     path = args.ticket
-    if not os.path.isfile(os.path.join(path, "ticket.json")) and os.path.isfile(os.path.join(path, "ticket", "ticket.json")):
-        path = os.path.join(path, "ticket")
+    inside = os.path.join(path, "ticket")
+    if not os.path.isfile(os.path.join(path, "ticket.json")) and os.path.isfile(os.path.join(inside, "ticket.json")):
+        path = inside
     try:
         ticket = load_ticket(path)
         module, variables = compact_ticket(ticket, args.multiple)

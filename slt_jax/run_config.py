@@ -4,8 +4,8 @@
 with no rule here is a library bug, caught by the tests). Checks that need the data or the
 model (batch size against the training set, a gate policy that matches no parameter) happen in
 ``slt_jax.training_run.Run`` as soon as those exist; ``check_model_fits`` checks the model against
-the data's image shape there, ``check_model_memory`` its weights against the memory available. The config itself is never written: resolved values (step counts)
-travel as arguments.
+the data's image shape there, ``check_model_memory`` its weights against the memory available.
+The config itself is never written: resolved values (step counts) travel as arguments.
 """
 from __future__ import annotations
 
