@@ -78,6 +78,12 @@ def test_gate_functions_refuse_a_temperature_that_is_not_a_positive_finite_numbe
             slt_jax.sample_gates(key, LOGITS, temp, family=family)
 
 
+@pytest.mark.parametrize("temps", [(float("inf"), 0.5), (0.5, float("nan")), (-0.5, 0.5)])
+def test_crbg_refuses_a_temperature_schedule_that_is_not_positive_and_finite(temps):
+    with pytest.raises(ValueError, match="temperatures must be finite and > 0"):
+        slt_jax.CRBG(num_steps=10, temp_start=temps[0], temp_end=temps[1])
+
+
 def test_a_negative_temperature_used_to_invert_the_density():
     # Why the check exists: Phi(mu / -sigma) = 1 - Phi(mu / sigma).
     family = gates_lib.get_family("gaussian")

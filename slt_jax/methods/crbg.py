@@ -180,8 +180,9 @@ class CRBG:
         if self.gate_margin < 0 or (self.gate_margin > 0 and self.family != "gaussian"):
             raise ValueError(f"gate_margin must be >= 0 and bounds only the gaussian family's mu, got "
                              f"{self.gate_margin} with family {self.family!r}")
-        if not (self.temp_start > 0 and self.temp_end > 0):
-            raise ValueError(f"temperatures must be > 0, got temp_start={self.temp_start}, temp_end={self.temp_end}")
+        if not all(0 < t < math.inf for t in (self.temp_start, self.temp_end)):
+            raise ValueError(f"temperatures must be finite and > 0, got temp_start={self.temp_start}, "
+                             f"temp_end={self.temp_end}")
 
     def temp(self, step: Array) -> Array:
         """The gate temperature (sigma for the Gaussian gate) at ``step``: geometric anneal."""
