@@ -1,7 +1,7 @@
 """Inference speed-up and FLOPs ratio of a structured ticket compiled to a smaller dense model.
 
     python run.py --config configs/mnist_lenet300_crbg_structured.py --workdir runs/mnist_crbg_structured
-    python benchmarks/compaction.py runs/mnist_crbg_structured/ticket [--batch 1000] [--reps 50] [--multiple 1] [--json]
+    python benchmarks/compaction.py runs/mnist_crbg_structured[/ticket] [--batch 1000] [--reps 50] [--multiple 1] [--json]
 
 Any ticket ``slt_jax.compaction`` compiles: the MLPs, Conv2-Conv8, ResNet-18 (``resnet18``,
 ``resnet18_imagenet``; a ResNet pass at batch 1000 takes a second or more on a CPU, so pass a
@@ -66,8 +66,18 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    ticket = load_ticket(args.ticket)
-    module, variables = compact_ticket(ticket, args.multiple)
+    # A run's workdir stands for its ticket/; a path that is neither, or a ticket that cannot be
+    # compacted, is one line on stderr and exit 2.
+    path = args.ticket
+    inside = os.path.join(path, "ticket")
+    if not os.path.isfile(os.path.join(path, "ticket.json")) and os.path.isfile(os.path.join(inside, "ticket.json")):
+        path = inside
+    try:
+        ticket = load_ticket(path)
+        module, variables = compact_ticket(ticket, args.multiple)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     # Weights go in as arguments, on the device: closed over, XLA would fold them into the program.
     masked = jax.tree.map(jnp.asarray, {"params": ticket.masked_params(), **ticket.model_state()})
     variables = jax.tree.map(jnp.asarray, variables)

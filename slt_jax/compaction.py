@@ -100,6 +100,8 @@ def compact_ticket(ticket, multiple: int = 1) -> tuple[nn.Module, dict[str, Any]
     ``multiple``: each layer keeps its first deleted units back until it has a multiple of this
     many (or all). Still exact, at the cost of their multiply-accumulates; XLA's CPU convolutions
     run markedly faster on channel counts that are multiples of 8."""
+    if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
+        raise ValueError(f"multiple={multiple!r}; allowed: a positive integer (1: keep only the live units)")
     spec = ticket.meta["model"]
     if spec["name"] not in COMPACTABLE:
         raise ValueError(f"model {spec['name']!r} cannot be compacted; allowed: {', '.join(COMPACTABLE)}")

@@ -92,8 +92,10 @@ def file_sha256(path: str) -> str:
 
 
 def load_params_file(path: str, template: Any, sha256: str | None = None) -> Any:
-    """Weights from an ``.npz`` keyed by path name, shaped like ``template`` (every leaf present,
-    same shapes). With ``sha256``, a file whose content differs is refused."""
+    """Weights from an ``.npz`` keyed by path name, shaped like ``template``, as float32: exactly the
+    template's leaves (none missing, none extra), same shapes, float16/32/64 arrays whose values
+    are finite as float32; anything else is refused with a ``FrozenWeightsError`` naming the leaf.
+    With ``sha256``, a file whose content differs is refused."""
     try:
         digest = file_sha256(path)
         with np.load(path, allow_pickle=False) as f:
@@ -106,13 +108,29 @@ def load_params_file(path: str, template: Any, sha256: str | None = None) -> Any
                                  f"{sha256[:12]}...: these are other weights")
     expected = {name: np.shape(leaf) for name, leaf in masking.named_leaves(template).items()}
     missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))  # a misspelt or another model's leaf: never dropped silently
     wrong = sorted(n for n in expected if n in arrays and arrays[n].shape != expected[n])
-    if missing or wrong:
-        detail = f"lacks {', '.join(missing)}" if missing else f"has other shapes for {', '.join(wrong)}"
-        raise FrozenWeightsError(f"frozen_from={path!r} {detail}; allowed: every parameter of the model, keyed by "
-                                 "path name, with the model's shapes")
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: np.asarray(arrays[masking.path_name(p)], np.float32), template)
+    if missing or extra or wrong:
+        detail = (f"lacks {', '.join(missing)}" if missing else f"holds {', '.join(map(repr, extra))}, not a parameter "
+                  "of the model" if extra else f"has other shapes for {', '.join(wrong)}")
+        raise FrozenWeightsError(f"frozen_from={path!r} {detail}; allowed: exactly the model's parameters, keyed by "
+                                 f"path name (e.g. {next(iter(expected))}), with the model's shapes")
+    weights = {}
+    for name in expected:
+        a = arrays[name]
+        if not (np.issubdtype(a.dtype, np.floating) and a.dtype.itemsize in (2, 4, 8)):
+            # Cast, an int or bool array trains on other weights than its file's; a complex one drops a part.
+            raise FrozenWeightsError(f"frozen_from={path!r}: {name!r} is an array of {a.dtype}; allowed: float16, "
+                                     "float32 or float64 weights (read as float32)")
+        with np.errstate(over="ignore"):  # beyond float32's range: refused just below, by name
+            w = np.asarray(a, np.float32)
+        bad = ~np.isfinite(w)
+        if bad.any():
+            raise FrozenWeightsError(f"frozen_from={path!r}: {name!r} holds {int(bad.sum())} values that are NaN or "
+                                     f"infinite as float32 (e.g. {a[bad].flat[0]!r}); allowed: finite weights within "
+                                     "float32's range")
+        weights[name] = w
+    return jax.tree_util.tree_map_with_path(lambda p, _: weights[masking.path_name(p)], template)
 
 
 def save_params_file(path: str, params: Any) -> str:

@@ -34,6 +34,12 @@ gate whose sample is 0; the forward pass, P(z > 0) and the test gate are ``gauss
 
 The penalty the methods use is the *mean* of ``prob_open`` over gates (the expected density),
 so its scale does not depend on the network's size.
+
+The public functions refuse, with one line: a gate tree with no gate, a leaf that is not a float
+array (named by its path), and a temperature that is not a finite number > 0 (a negative sigma
+gives Phi(-mu / sigma) = 1 - P(z > 0) and inverted samples). A temperature traced under ``jit``
+has no value to check: it is the caller's to keep positive (``CRBG`` checks its schedule when
+it is built). The families' own four functions check nothing.
 """
 from __future__ import annotations
 
@@ -134,6 +140,33 @@ FAMILIES: dict[str, GateFamily] = {f.name: f for f in (_gaussian(), _gaussian_st
                                                          _concrete())}
 
 
+def _check_temperature(temp: float | Array) -> None:
+    """Raises ValueError unless ``temp`` is a finite number > 0 (each element of an array). A traced
+    value (inside ``jit``) has none to check and passes: keeping it positive is the caller's part."""
+    if isinstance(temp, jax.core.Tracer):
+        return
+    value = np.asarray(temp)
+    numeric = value.dtype != np.bool_ and (np.issubdtype(value.dtype, np.integer)
+                                          or np.issubdtype(value.dtype, np.floating))
+    if not numeric or value.size == 0 or not np.all(np.isfinite(value) & (value > 0)):
+        raise ValueError(f"temp={temp!r}; allowed: a finite number > 0")
+
+
+def _check_gate_tree(tree: GateTree) -> None:
+    """Raises ValueError for a tree with no gate, TypeError naming the first leaf that is not a float
+    array (a Python float, an int or bool array). Looks at shapes and dtypes only: jit-safe."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not leaves:
+        raise ValueError(f"the gate tree (a {type(tree).__name__}) holds no gate; allowed: a tree with a float array "
+                         "per gated leaf, None elsewhere (slt_jax.masking.gate_shapes)")
+    for path, leaf in leaves:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not hasattr(leaf, "shape") or not jnp.issubdtype(dtype, jnp.floating):
+            got = f"a {type(leaf).__name__}" if dtype is None else f"an array of {dtype}"
+            raise TypeError(f"gate leaf {path_name(path)!r} is {got}; allowed: a float array (jax or numpy) per "
+                            "gated leaf, None elsewhere")
+
+
 def get_family(name: str) -> GateFamily:
     """Returns the gate family called ``name``; raises ValueError naming the allowed ones."""
     if name not in FAMILIES:
@@ -170,6 +203,8 @@ def sample_gates(key: Array, logits: GateTree, temp: float | Array, *, family: s
     ``jax.random`` gives for batched rbg keys, which is not each key's own sample.
     """
     fam = get_family(family)
+    _check_gate_tree(logits)
+    _check_temperature(temp)
     return jax.tree.map(lambda k, p: fam.sample(k, p, temp), leaf_keys(key, logits), logits)
 
 
@@ -177,17 +212,22 @@ def gate_mean(per_gate: GateTree) -> Array:
     """The mean of per-gate values over every gate of the tree (for bool gates: the fraction open).
     Counting weights instead of gates: ``slt_jax.masking.kept_fraction``."""
     values = jax.tree.leaves(per_gate)
+    if not values:
+        raise ValueError("the gate tree holds no gate; allowed: a tree with an array per gated leaf, None elsewhere")
     return sum(jnp.sum(v) for v in values) / sum(v.size for v in values)
 
 
 def expected_density(logits: GateTree, temp: float | Array, *, family: str = "gaussian") -> Array:
     """Mean of P(z > 0) over gates: the expected L0 norm of the gates divided by their number."""
     fam = get_family(family)
+    _check_gate_tree(logits)
+    _check_temperature(temp)
     return gate_mean(jax.tree.map(lambda p: fam.prob_open(p, temp), logits))
 
 
 def deterministic_gates(logits: GateTree, *, family: str = "gaussian") -> GateTree:
     """The deterministic gates in [0, 1] with the noise dropped."""
+    _check_gate_tree(logits)
     return jax.tree.map(get_family(family).test_gate, logits)
 
 

@@ -76,7 +76,9 @@ def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool =
     keep one gate per weight (e.g. the classifier, whose units cannot be removed without removing
     a class, but whose weights can). The regex ``structured_inputs`` ("" = none; needs
     ``structured``) picks gated Dense / Conv kernels that get one gate per input feature or
-    channel instead, shape (1, ..., 1, in, 1).
+    channel instead, shape (1, ..., 1, in, 1). A bias the policy matches gets no gate of its own
+    where its kernel has one per unit: it closes with its unit (``leaf_masks``), so a closed unit
+    leaves no bias behind and the density counts it.
     """
     pattern = _regex("gate_policy", policy)
     unit_pattern = _regex("structured_policy", structured_policy)
@@ -93,6 +95,10 @@ def gate_shapes(params: Params, policy: str = DEFAULT_POLICY, structured: bool =
             elif structured and unit_pattern.search(name):
                 shape = _structured_shape(name, shape)
             shapes[name] = jax.ShapeDtypeStruct(shape, jnp.float32)
+    leaves = named_leaves(params)
+    for name in [n for n in shapes if n.endswith("bias") and n[: -len("bias")] + "kernel" in shapes]:
+        if _bias_lead(name, shapes[name[: -len("bias")] + "kernel"].shape, leaves) is not None:
+            del shapes[name]  # a gate of its own would keep a closed unit's bias: it closes with the unit
     if not shapes:
         raise ValueError(f"gate policy {policy!r} matches no parameter; parameters are: {', '.join(named_leaves(params))}")
     if input_pattern is not None and not any(input_pattern.search(name) for name in shapes):
@@ -122,19 +128,27 @@ def _input_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1,) * (len(shape) - 2) + (shape[-2], 1)
 
 
+def _bias_lead(name: str, kernel_gate: tuple[int, ...], leaves: dict[str, Any]) -> int | None:
+    """How many leading axes (the kernel's input axes) the gate of shape ``kernel_gate`` on the
+    kernel beside bias ``name`` has that the bias lacks, when it is one gate per unit (or head) the
+    bias can share; None when it is not."""
+    kernel = name[: -len("bias")] + "kernel"
+    if math.prod(kernel_gate) == np.size(leaves[kernel]):
+        return None  # one gate per weight
+    lead = len(kernel_gate) - np.ndim(leaves[name])
+    if lead < 0 or any(n != 1 for n in kernel_gate[:lead]):
+        return None  # gates that vary over input axes (per-head out projection): the bias is shared
+    return lead
+
+
 def _bias_partner(name: str, masks: dict[str, Array], leaves: dict[str, Array]) -> Array | None:
     """The structured gate of the kernel beside bias ``name``, without the kernel's input axes
     (so it broadcasts against the bias), if any."""
     if not name.endswith("bias") or name in masks:
         return None
-    kernel = name[: -len("bias")] + "kernel"
-    gate = masks.get(kernel)
-    if gate is None or gate.size == np.size(leaves[kernel]):
-        return None
-    lead = gate.ndim - np.ndim(leaves[name])  # the kernel's input axes, which the bias lacks
-    if lead < 0 or any(n != 1 for n in gate.shape[:lead]):
-        return None  # gates that vary over input axes (per-head out projection): the bias is shared
-    return gate.reshape(gate.shape[lead:])
+    gate = masks.get(name[: -len("bias")] + "kernel")
+    lead = None if gate is None else _bias_lead(name, gate.shape, leaves)
+    return None if lead is None else gate.reshape(gate.shape[lead:])
 
 
 _SEQUENTIAL = re.compile(r"^(.*?)(Dense|Conv)_(\d+)/kernel$")

@@ -48,6 +48,9 @@ class Gated:
         gates_key = rngs[GATES]
         others = {k: v for k, v in rngs.items() if k != GATES}
         variables = dict(jax.jit(lambda r, *a: self.module.init(r, *a, **kwargs))(others, *args))
+        if not jax.tree.leaves(variables.get("params")):
+            raise ValueError(f"module {type(self.module).__name__} has no parameters to gate (its variables: "
+                             f"{sorted(variables) or 'none'}); allowed: a module with at least one parameter")
         frozen = variables.pop("params")
         return {FROZEN: frozen, GATES: self.method.init(gates_key, self.gate_shapes(frozen)), **variables}
 

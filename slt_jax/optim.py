@@ -15,6 +15,7 @@ itself.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -25,6 +26,13 @@ GATES = "gates"
 
 
 def _labels(variables: Any) -> dict[str, Any]:
+    # Called on the params at init and on the updates at every step: a tree without a "gates"
+    # collection would get -0.0 everywhere, a run that trains nothing.
+    if not isinstance(variables, Mapping) or GATES not in variables:
+        got = (f"a {type(variables).__name__} with keys {list(variables)}" if isinstance(variables, Mapping)
+               else f"a {type(variables).__name__}")
+        raise ValueError(f"gates_only(tx) got {got}; allowed: a variables dict with a {GATES!r} collection (what "
+                         f"slt_jax.gated(...).init returns); for the gate tree alone use tx itself")
     return {name: jax.tree.map(lambda _: GATES if name == GATES else "frozen", tree)
             for name, tree in variables.items()}
 
@@ -41,7 +49,8 @@ def _negative_zero() -> optax.GradientTransformation:
 
 def gates_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` on the "gates" collection of a variables dict; updates of -0.0 (``apply_updates``
-    leaves those leaves bit-identical) and no optimiser state elsewhere."""
+    leaves those leaves bit-identical) and no optimiser state elsewhere. A tree without a "gates"
+    key (the gate tree itself, a tuple) is refused with a ValueError at ``init`` and ``update``."""
     return optax.multi_transform({GATES: tx, "frozen": _negative_zero()}, _labels)
 
 

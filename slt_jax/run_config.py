@@ -4,8 +4,8 @@
 with no rule here is a library bug, caught by the tests). Checks that need the data or the
 model (batch size against the training set, a gate policy that matches no parameter) happen in
 ``slt_jax.training_run.Run`` as soon as those exist; ``check_model_fits`` checks the model against
-the data's image shape there. The config itself is never written: resolved values (step counts)
-travel as arguments.
+the data's image shape there, ``check_model_memory`` its weights against the memory available.
+The config itself is never written: resolved values (step counts) travel as arguments.
 """
 from __future__ import annotations
 
@@ -215,6 +215,26 @@ def _model_problem(model, input_shape: tuple[int, ...], init_kwargs: dict[str, A
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     empty = _first_empty_value(jaxpr.jaxpr)
     return None if empty is None else f"it computes an empty array of shape {empty}"
+
+
+def check_model_memory(model, spec: dict[str, Any], input_shape: tuple[int, ...],
+                       init_kwargs: dict[str, Any] | None = None) -> None:
+    """Raises ConfigError when the model's weights alone, as float32, exceed the memory available
+    (``slt_jax.data.arrays.available_memory``): a huge ``num_classes`` or ``width`` is refused in a
+    second (the shapes are traced, nothing is allocated) rather than stalling in the weights' init.
+    The run needs more than this (gates, optimiser state): only the impossible is refused here."""
+    from slt_jax.data import arrays  # not at the top: the data package imports this module
+
+    dummy = jax.ShapeDtypeStruct((1, *input_shape), jax.numpy.float32)
+    shapes = jax.eval_shape(lambda k, x: model.init(k, x, **(init_kwargs or {})),
+                            jax.random.key(0, impl="threefry2x32"), dummy)
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+    need, available = 4 * count, arrays.available_memory()
+    if need > available:
+        raise ConfigError(f"model {spec['name']} with num_classes={spec['num_classes']}, width={spec.get('width', 1.0)} "
+                          f"has {count} parameters, {arrays.gib(need)} as float32, but {arrays.gib(available)} is "
+                          "available; allowed: a model whose weights fit in memory (fewer classes, a smaller width "
+                          "or model)")
 
 
 def check_model_fits(model, spec: dict[str, Any], input_shape: tuple[int, ...],

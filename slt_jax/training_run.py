@@ -20,7 +20,7 @@ from slt_jax import masking, sharding
 from slt_jax.data import load_dataset
 from slt_jax.methods import create_method
 from slt_jax.models import create_model
-from slt_jax.run_config import ConfigError, check_model_fits, model_spec, validate_config
+from slt_jax.run_config import ConfigError, check_model_fits, check_model_memory, model_spec, validate_config
 from slt_jax.step import TrainState, classification_loss, make_eval_fn, make_train_step
 from slt_jax.ticket import ZOO_INIT_KWARGS
 
@@ -51,6 +51,7 @@ class Run:
         input_shape = self.dataset.input_shape
         # Pooling that empties the images, or a width that leaves a layer no units: refused here.
         check_model_fits(self.model, self.spec, input_shape, ZOO_INIT_KWARGS)
+        check_model_memory(self.model, self.spec, input_shape, ZOO_INIT_KWARGS)  # e.g. num_classes=10**9
         variables = frozen_lib.init_variables(self.model, input_shape, config.seed, ZOO_INIT_KWARGS)
         params = variables.pop("params")
         if config.frozen_from:

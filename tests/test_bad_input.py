@@ -47,6 +47,8 @@ def _write_bad_npz_files(d) -> None:
         "objects": dict(x_train=np.array([*x, None], dtype=object)[:40], y_train=y),  # savez pickles them
         "one_class": dict(x_train=x, y_train=np.zeros(40, np.int64)),
         "huge_pixels": dict(x_train=np.where(x > 128, 1e300, x / 255.0), y_train=y),  # inf in float32
+        # good data (enough for a validation split), for cases about something else
+        "ten_classes": dict(x_train=np.concatenate([x] * 5), y_train=np.concatenate([y] * 5)),
     }
     for name, arrays in files.items():
         np.savez(d / f"{name}.npz", **arrays)
@@ -58,6 +60,27 @@ def _write_bad_npz_files(d) -> None:
         z.writestr("y_train.npy", _npy_bytes(y))
     (d / "not_a_zip.npz").write_text("these are not arrays\n")
     (d / "a_file").write_text("not a directory")
+
+
+def _write_bad_params_files(d) -> None:
+    """frozen_from files for the default model, each wrong in one way, as DIR/weights_NAME.npz."""
+    from configs import default
+    from slt_jax.frozen import init_variables
+    from slt_jax.masking import named_leaves
+    from slt_jax.models import create_model
+    from slt_jax.run_config import model_spec
+    from slt_jax.ticket import ZOO_INIT_KWARGS
+
+    model = create_model(model_spec(default.get_config(), 10))
+    good = named_leaves(init_variables(model, (8, 8, 1), 0, ZOO_INIT_KWARGS)["params"])
+    kernel = good["Dense_1/kernel"]
+    files = {
+        "nan": {**good, "Dense_1/kernel": np.where(kernel > 0, np.nan, kernel)},
+        "extra_key": {**good, "Dense_7/kernel": kernel},
+        "int_weights": {**good, "Dense_0/kernel": np.round(good["Dense_0/kernel"] * 10).astype(np.int64)},
+    }
+    for name, arrays in files.items():
+        np.savez(d / f"weights_{name}.npz", **arrays)
 
 
 # id -> (CLI arguments, strings the error line must contain); {d} is the directory of the bad files.
@@ -136,6 +159,17 @@ CASES = {
                         ["x_train", "pickled objects are not loaded", "plain numeric arrays"]),
     "one_class": (["--config.dataset=npz:{d}/one_class.npz"], ["only class 0", "at least 2"]),
     "pixels_beyond_float32": (["--config.dataset=npz:{d}/huge_pixels.npz"], ["x_train", "1e+300", "float32"]),
+    # Params files (frozen_from): NaN used to train to exit 3 "lower learning_rate?"; an extra leaf was
+    # dropped and int weights cast, without a word.
+    "frozen_from_nan": (["--config.frozen_from={d}/weights_nan.npz"], ["'Dense_1/kernel'", "NaN", "allowed: finite"]),
+    "frozen_from_extra_key": (["--config.frozen_from={d}/weights_extra_key.npz"],
+                              ["'Dense_7/kernel'", "not a parameter", "allowed"]),
+    "frozen_from_int_weights": (["--config.frozen_from={d}/weights_int_weights.npz"],
+                                ["'Dense_0/kernel'", "int64", "allowed: float16, float32 or float64"]),
+    # A head of 10**11 weights: refused from its traced shapes, where it used to stall for minutes.
+    "num_classes_beyond_memory": (["--config.dataset=npz:{d}/ten_classes.npz", "--config.model=lenet300",
+                                   "--config.num_classes=1000000001"],
+                                  ["num_classes=1000000001", "100000049300 parameters", "is available", "allowed"]),
     "absurd_npy_header": (["--config.dataset=npz:{d}/absurd_header.npz"],
                           ["x_train", "(549755813888, 32, 32)", "is available", "fits in memory"]),
 }
@@ -161,6 +195,7 @@ def results(good_run, tmp_path_factory):
     workdir, _ = good_run
     d = tmp_path_factory.mktemp("bad")
     _write_bad_npz_files(d)
+    _write_bad_params_files(d)
 
     def call(args):
         args = [a.format(d=d) for a in args]  # first: --config FILE must precede every --config.KEY

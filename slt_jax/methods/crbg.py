@@ -244,8 +244,9 @@ class CRBG:
                              f"density_constraint {self.density_constraint!r}; allowed: a gaussian family with 'global'")
         if not 0.0 <= self.landing_tolerance < 1.0:
             raise ValueError(f"landing_tolerance={self.landing_tolerance}; allowed: a number in [0, 1)")
-        if not (self.temp_start > 0 and self.temp_end > 0):
-            raise ValueError(f"temperatures must be > 0, got temp_start={self.temp_start}, temp_end={self.temp_end}")
+        if not all(0 < t < math.inf for t in (self.temp_start, self.temp_end)):
+            raise ValueError(f"temperatures must be finite and > 0, got temp_start={self.temp_start}, "
+                             f"temp_end={self.temp_end}")
 
     def temp(self, step: Array) -> Array:
         """The gate temperature (sigma for the Gaussian gate) at ``step``: geometric anneal."""
