@@ -18,10 +18,11 @@ NNX models: ``slt_jax.nnx_gating``.
 from slt_jax.frozen import init_variables, round_frozen, weights_key
 from slt_jax.gates import binary_mask, expected_density, sample_gates
 from slt_jax.masking import apply_masks, gate_shapes, leaf_masks
-from slt_jax.methods import CRBG, EdgePopup, create_method
+from slt_jax.methods import CRBG, EdgePopup, IteRand, create_method
 from slt_jax.models import create_model
 from slt_jax.module import Gated, gated
 from slt_jax.optim import gates_only, stop_frozen
+from slt_jax.penalty_optax import with_penalty
 from slt_jax.step import TrainState, classification_loss, make_eval_fn, make_train_step
 from slt_jax.ticket import load_ticket, save_ticket
 
@@ -36,6 +37,6 @@ def __getattr__(name):
 
 
 __all__ = ["CRBG", "EdgePopup", "Gated", "TrainState", "apply_masks", "binary_mask", "classification_loss",
-           "create_method", "create_model", "expected_density", "gate_shapes", "gated", "gates_only",
+           "IteRand", "create_method", "create_model", "expected_density", "gate_shapes", "gated", "gates_only",
            "init_variables", "leaf_masks", "load_ticket", "make_eval_fn", "make_train_step", "round_frozen",
-           "sample_gates", "save_ticket", "stop_frozen", "train_and_evaluate", "weights_key"]
+           "sample_gates", "save_ticket", "stop_frozen", "train_and_evaluate", "weights_key", "with_penalty"]
