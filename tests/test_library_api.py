@@ -469,3 +469,26 @@ def test_a_state_made_for_another_method_is_named_in_one_line():
     with pytest.raises(ValueError, match="method") as e:
         slt_jax.make_train_step(gated_model, CRBG, CRBG.optimizer())
     assert "\n" not in str(e.value)
+
+
+def test_the_public_api_has_the_sharding_helpers_the_sparsity_report_and_iterands_redraw():
+    for name in ("make_mesh", "shard_batch", "replicate", "sparsity_report", "IteRand", "params_by_generation"):
+        assert name in slt_jax.__all__, name
+    # IteRand's re-draw in a loop of one's own, from public names only.
+    x, _ = _data(8)
+    method = slt_jax.IteRand(num_steps=10, redraw_every=2, redraw_fraction=1.0, sparsity=0.5)
+    draw = slt_jax.params_by_generation(UsersCNN(), (6, 6, 1), seed=0)
+    params = draw(0)
+    gates = method.init(jax.random.key(1), slt_jax.gate_shapes(params))
+    state = method.init_state(gates)
+    assert method.is_redraw_step(2)
+    state, redrawn = method.redraw(jax.random.key(2), gates, state, params, draw(1), 1)
+    pruned = ~method.binary_masks(gates)["Dense_0"]["kernel"]
+    new, old = np.asarray(redrawn["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["kernel"])
+    assert np.all(new[pruned] != old[pruned]) and np.array_equal(new[~pruned], old[~pruned])
+    assert np.all(np.asarray(state["generation"]["Dense_0"]["kernel"])[pruned] == 1)
+    mesh = slt_jax.make_mesh(1)
+    xs, = slt_jax.shard_batch((np.asarray(x),), mesh)
+    assert xs.shape == x.shape and slt_jax.replicate(gates, mesh) is not None
+    report = slt_jax.sparsity_report(params, method.binary_masks(gates))
+    assert 0.4 < report["sparsity"] < 0.6
