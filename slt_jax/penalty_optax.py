@@ -46,11 +46,11 @@ def _gate_tree(params: Any) -> Any:
     return params[GATES] if isinstance(params, Mapping) and GATES in params else params
 
 
-def _with_gate_grads(updates: Any, grads: Any) -> Any:
-    add = lambda u, g: u + g.astype(u.dtype)  # noqa: E731
-    if isinstance(updates, Mapping) and GATES in updates:
-        return {**updates, GATES: jax.tree.map(add, updates[GATES], grads)}
-    return jax.tree.map(add, updates, grads)
+def _added(updates: Any, grads: Any) -> Any:
+    # Leaf by leaf in the updates' own structure: a gradient through nnx.State containers can come
+    # back with other container types around the same leaves, in the same order.
+    leaves, treedef = jax.tree.flatten(updates)
+    return treedef.unflatten([u + g.astype(u.dtype) for u, g in zip(leaves, jax.tree.leaves(grads), strict=True)])
 
 
 def with_penalty(method: Any, tx: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
@@ -77,9 +77,10 @@ def with_penalty(method: Any, tx: optax.GradientTransformation | None = None) ->
     def update(updates: Any, state: PenaltyState, params: Any = None) -> tuple[Any, PenaltyState]:
         if params is None:
             raise ValueError("with_penalty's update needs params (the gates): tx.update(grads, opt_state, gates)")
-        gates = _gate_tree(params)
-        (_, aux), grads = jax.value_and_grad(method.penalty, has_aux=True)(gates, state.method_state, state.step)
-        updates, inner_state = inner.update(_with_gate_grads(updates, grads), state.inner, params)
+        # Differentiated w.r.t. all of params (zero outside "gates"), so the gradient has the updates' structure.
+        (_, aux), grads = jax.value_and_grad(lambda p: method.penalty(_gate_tree(p), state.method_state, state.step),
+                                             has_aux=True)(params)
+        updates, inner_state = inner.update(_added(updates, grads), state.inner, params)
         return updates, PenaltyState(state.step + 1, method.update_state(state.method_state, aux), aux, inner_state)
 
     return optax.GradientTransformation(init, update)
