@@ -118,15 +118,16 @@ class Gated(nn.Module):
         if "deterministic" in inspect.signature(type(self.module).__call__).parameters:
             # The module's own Dropout follows the same choice; at init without one, the ticket's.
             kwargs = {"deterministic": deterministic is not False, **kwargs}
-        if self.is_initializing() and FROZEN not in self.variables:
-            self._initialise(args, kwargs)
+        if self.is_initializing():
+            if FROZEN not in self.variables:  # a module called twice in one init is initialised once
+                self._initialise(args, kwargs)
         elif self.is_mutable_collection(FROZEN) or self.is_mutable_collection(GATES):
             raise ValueError(f"mutable collections include {FROZEN!r} or {GATES!r}; allowed: the module's other "
                              "collections (e.g. mutable=['batch_stats'])")
         if deterministic is None and not self.is_initializing():
             raise ValueError("gated module applied without deterministic=; allowed: deterministic=True (the binary "
                              "ticket) or deterministic=False with rngs={'gates': key} (a training sample)")
-        if deterministic is False and not self.has_rng(GATES):
+        if deterministic is False and not (self.has_rng(GATES) or self.is_initializing()):  # init: "params"
             raise ValueError("deterministic=False samples the gates, which needs rngs={'gates': key}; allowed: "
                              "that rng, or deterministic=True for the binary ticket")
         variables = self.variables

@@ -492,3 +492,26 @@ def test_the_public_api_has_the_sharding_helpers_the_sparsity_report_and_iterand
     assert xs.shape == x.shape and slt_jax.replicate(gates, mesh) is not None
     report = slt_jax.sparsity_report(params, method.binary_masks(gates))
     assert 0.4 < report["sparsity"] < 0.6
+
+
+class _Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        g = slt_jax.gated(Backbone(), CRBG, seed=1, name="shared")
+        return g(x, deterministic=True) + g(x, deterministic=True)  # one gated module, called twice
+
+
+class _NoParams(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(x)
+
+
+def test_a_gated_module_called_twice_is_initialised_once_and_one_without_params_is_refused():
+    x, _ = _data(4)
+    variables = _Shared().init(jax.random.key(0), x)
+    assert set(variables["frozen"]) == {"shared"}
+    assert _Shared().apply(variables, x).shape == (4, 16)
+    with pytest.raises(ValueError, match="no parameters") as e:
+        slt_jax.gated(_NoParams(), CRBG).init(jax.random.key(0), x)
+    assert "\n" not in str(e.value)
