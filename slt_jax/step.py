@@ -157,15 +157,14 @@ def make_train_step(model: Any, method: Any, tx: optax.GradientTransformation, *
 
     def forward(gates: Any, params: Any, model_state: dict[str, Any], x: Array, key: Array, step: Array):
         rngs = {name: jax.random.fold_in(key, i + 1) for i, name in enumerate(rng_streams)}
-        mutable = list(model_state) or False
+        call_kwargs = {**kwargs, **({"mutable": list(model_state)} if model_state else {})}
         if isinstance(model, Gated):
             variables = {"frozen": params, "gates": gates, **model_state}
-            out = model.apply(variables, x, deterministic=False, step=step, rngs={"gates": key, **rngs},
-                              mutable=mutable, **kwargs)
+            out = model.apply(variables, x, deterministic=False, step=step, rngs={"gates": key, **rngs}, **call_kwargs)
         else:
             variables = {"params": method.masked_params(params, method.train_masks(gates, key, step)), **model_state}
-            out = model(variables, x, mutable=mutable, **({"rngs": rngs} if rngs else {}), **kwargs)
-        if not mutable:
+            out = model(variables, x, **({"rngs": rngs} if rngs else {}), **call_kwargs)
+        if not model_state:
             return out, model_state
         logits, updates = out
         return logits, {**model_state, **updates}
