@@ -8,11 +8,14 @@ CRBG and edge-popup run the project's own jitted step (``slt_jax.step.make_train
 by the real harness (``slt_jax.train.Run``) on the ``synthetic`` dataset: the methods' masking,
 penalty, optimiser and metrics are all inside the timed step. "Dense" trains the weights of the
 same Flax model with the same loss and Adam, as an ordinary Flax training step would.
-``crbg_gated_ms`` is the same CRBG step written as a user of ``slt_jax.gated`` writes it: ``jax.grad``
-over the whole variables tree ``{"frozen", "gates"}`` with ``slt_jax.gates_only(tx)``; ``Gated.apply``
-stops gradients at the frozen weights, so it should cost what the gates-only step costs
-(``gated_over_step``). ``crbg_sample_ms`` times CRBG's gate sample alone (a Gaussian per gate): the dense step plus it
-is a floor under the CRBG step, reported as ``crbg_floor_over_dense``.
+``crbg_gated_ms`` is the same CRBG step written as the Linen guide (docs/guide-linen.md) writes it:
+``slt_jax.gated``'s module, the data loss differentiated w.r.t. the gates, ``slt_jax.with_penalty(method,
+tx)`` carrying the penalty and the multiplier, the frozen weights an input of the jitted step and
+never an output; it should cost what the library's step costs (``gated_over_step``). The
+``*_out_mib`` / ``*_temp_mib`` columns are XLA's compiled memory analysis of the two steps: the
+bytes a step returns and its scratch buffers. ``crbg_sample_ms`` times CRBG's gate sample alone (a
+Gaussian per gate): the dense step plus it is a floor under the CRBG step, reported as
+``crbg_floor_over_dense``.
 
 Each step is compiled and warmed up first; every timed call ends with ``block_until_ready``.
 If PyTorch is importable, the same architecture's dense and edge-popup steps in plain PyTorch
@@ -107,34 +110,47 @@ def sample_step(run: Run) -> Callable[[], Any]:
     return lambda: jax.block_until_ready(sample(gates, key, step))
 
 
-def gated_step(run: Run) -> Callable[[], Any]:
-    """The method's step through ``slt_jax.gated`` + ``gates_only``, differentiating every variable."""
-    model, method = slt_jax.gated(run.model, run.method), run.method
-    tx = slt_jax.gates_only(run.optimizer)
+def gated_step(run: Run) -> tuple[Callable[[], Any], Any]:
+    """The method's step as the Linen guide writes it: ``gated`` + ``with_penalty``, frozen weights an
+    input; the step and its compiled form (for the memory analysis)."""
+    method = run.method
+    model = slt_jax.gated(run.model, method)
+    tx = slt_jax.with_penalty(method, run.optimizer)
     state = run.initial_state()
-    variables = {"frozen": run.frozen_params(run.frozen), "gates": state.gates}
+    frozen, gates = run.frozen_params(run.frozen), state.gates
     loss_of = classification_loss()
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def train_step(variables, opt_state, method_state, step, x, y):
-        def loss_fn(variables):
-            logits = model.apply(variables, x, rngs={"gates": jax.random.fold_in(state.rng, step)}, step=step,
-                                 train=True)
-            penalty, aux = method.penalty(variables["gates"], method_state, step)
-            return loss_of(logits, y) + penalty, aux
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # the gates and their optimiser state, never the weights
+    def train_step(gates, opt_state, frozen, step, key, x, y):
+        def loss_fn(gates):
+            logits = model.apply({"frozen": frozen, "gates": gates}, x, deterministic=False, rngs={"gates": key},
+                                 step=step, train=True)
+            return loss_of(logits, y)
 
-        grads, aux = jax.grad(loss_fn, has_aux=True)(variables)
-        updates, opt_state = tx.update(grads, opt_state, variables)
-        return optax.apply_updates(variables, updates), opt_state, method.update_state(method_state, aux)
+        updates, opt_state = tx.update(jax.grad(loss_fn)(gates), opt_state, gates)
+        return optax.apply_updates(gates, updates), opt_state
 
-    holder = [variables, tx.init(variables), state.method_state]
+    holder = [gates, tx.init(gates)]
     x, y = first_batch(run)
+    key = jax.random.fold_in(state.rng, 0)
+    compiled = train_step.lower(*holder, frozen, jnp.int32(0), key, x, y).compile()
 
     def step():
-        holder[:] = train_step(*holder, jnp.int32(0), x, y)
+        holder[:] = train_step(*holder, frozen, jnp.int32(0), key, x, y)
         jax.block_until_ready(holder)
 
-    return step
+    return step, compiled
+
+
+def method_compiled(run: Run) -> Any:
+    """The library's jitted step (``make_train_step``), compiled for this run's state and batch."""
+    return run.train_step().lower(run.initial_state(), run.frozen, *first_batch(run)).compile()
+
+
+def memory_mib(compiled: Any) -> dict[str, float]:
+    """XLA's memory analysis of a compiled step: bytes it returns and scratch buffers, in MiB."""
+    m = compiled.memory_analysis()
+    return {"out_mib": m.output_size_in_bytes / 2**20, "temp_mib": m.temp_size_in_bytes / 2**20}
 
 
 def dense_step(run: Run) -> Callable[[], Any]:
@@ -236,13 +252,24 @@ def torch_steps(model: str, batch: int = BATCH) -> dict[str, Callable[[], Any]]:
                                                                  0.1, momentum=0.9))}
 
 
+def gated_memory(run: Run, gated_compiled: Any) -> dict[str, float]:
+    """The Linen guide's step and the library's step, side by side: bytes out and scratch, in MiB."""
+    ours = memory_mib(method_compiled(run))
+    gated = memory_mib(gated_compiled)
+    return {"crbg_out_mib": ours["out_mib"], "crbg_gated_out_mib": gated["out_mib"],
+            "crbg_temp_mib": ours["temp_mib"], "crbg_gated_temp_mib": gated["temp_mib"]}
+
+
 def measure(model: str, reps: int, batch: int = BATCH) -> dict[str, float]:
     runs = {m: Run(bench_config(model, m, batch), "") for m in ("crbg", "edgepopup")}
     steps = {"dense_ms": dense_step(runs["crbg"]), "crbg_ms": method_step(runs["crbg"]),
              "edgepopup_ms": method_step(runs["edgepopup"]), "crbg_sample_ms": sample_step(runs["crbg"])}
+    memory = {}
     if not runs["crbg"].initial_model_state:  # the gated() user step here keeps no BatchNorm statistics
-        steps["crbg_gated_ms"] = gated_step(runs["crbg"])
+        steps["crbg_gated_ms"], compiled = gated_step(runs["crbg"])
+        memory = gated_memory(runs["crbg"], compiled)
     out = median_ms(steps, reps)
+    out.update(memory)
     # Timed apart from ours: PyTorch's OpenMP threads keep spinning after each op and would steal
     # the cores from the XLA step that follows (interleaved, they made our dense Conv4 step 1.7x slower).
     out.update(median_ms(torch_steps(model, batch), reps))

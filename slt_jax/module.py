@@ -1,88 +1,168 @@
-"""``gated(module, method)``: any Flax Linen module, with its weights frozen and a gate collection.
+"""``gated(module, method)``: any Flax Linen module, as a Linen module with frozen weights and gates.
 
-The wrapped module's variables are ``{"frozen": params, "gates": gate tree, **other collections}``::
+The gated module's variables are the collections ``"frozen"`` (the module's weights, never
+trained), ``"gates"`` (the method's gate tree, shaped like "frozen", None where a leaf is not
+gated), ``"params"`` (leaves named by ``trainable``, ordinary trainable weights: a head, a norm's
+scale) and the module's other collections (``batch_stats``)::
 
-    variables = g.init(key, x)                        # frozen = module.init(key, x)["params"]
-    logits = g.apply(variables, x, rngs={"gates": k}, step=t)   # a training sample of the gates
-    logits = g.apply(variables, x)                    # the binary ticket: where(mask, frozen, 0)
+    model = slt_jax.gated(CNN(), method, seed=0)        # weights: CNN().init(weights_key(0), x)["params"]
+    variables = model.init(key, x)                      # {"frozen": ..., "gates": ...}
+    logits = model.apply(variables, x, deterministic=False, rngs={"gates": k}, step=t)  # a sample
+    logits = model.apply(variables, x, deterministic=True)                              # the ticket
 
-``apply`` computes ``module.apply({"params": method.masked_params(frozen, masks), **other}, x)``
-(``apply_masks(frozen, masks)`` for every method but biprop). It stops
-gradients at "frozen" (so ``jax.grad`` over all variables computes no weight gradient), and
-refuses to make "frozen" or "gates" mutable. The module itself knows nothing of gates. Pair it
-with ``slt_jax.gates_only(tx)`` for an optimiser over the whole variables tree, or differentiate
-``variables["gates"]`` alone.
+Each call computes ``module.apply({"params": method.masked_params(frozen, masks) | trainable,
+**other}, x)`` with ``masks = method.train_masks(gates, make_rng("gates"), step)`` (a training
+sample) or ``method.binary_masks(gates)`` (the binary ticket); ``masked_params`` is
+``apply_masks(frozen, masks)`` for every method but biprop. The choice is explicit, as
+``nn.Dropout``'s: ``deterministic`` at call time or on the module; neither is a one-line error,
+never a silent ticket with zero gradient. ``deterministic`` is passed on to the module when its
+``__call__`` takes one (its Dropout), with every rng stream but "gates" and "params" ("dropout").
+
+Gradients stop at "frozen" (``jax.grad`` over all variables computes no weight gradient), and
+"frozen" and "gates" cannot be made mutable outside init. The module itself knows nothing of gates,
+and the gated module nests in a larger Linen model like any submodule. With ``seed`` the frozen
+weights are the seed's, ``module.init(weights_key(seed), x)`` under jit wherever the module sits,
+i.e. what ``slt_jax.load_ticket(path, model=module)`` regenerates; without one they come from
+Linen's "params" stream as any submodule's. The gates come from the "gates" stream (else "params").
 """
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 from slt_jax import masking
-from slt_jax.optim import stop_frozen
+from slt_jax.frozen import weights_key
 
-FROZEN, GATES = "frozen", "gates"
+FROZEN, GATES, PARAMS = "frozen", "gates", "params"
 
 
-class Gated:
-    """A Linen module's frozen weights and a method's gates; see the module docstring."""
+def _subtree(tree: dict[str, Any], keep: Any, prefix: str = "") -> dict[str, Any]:
+    """The nested dict of ``tree``'s leaves whose path name satisfies ``keep``; empty dicts pruned."""
+    out = {}
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        if hasattr(value, "items"):
+            sub = _subtree(value, keep, path + "/")
+            if sub:
+                out[name] = sub
+        elif keep(path):
+            out[name] = value
+    return out
 
-    def __init__(self, module: Any, method: Any, policy: str = masking.DEFAULT_POLICY, structured: bool = False,
-                 structured_policy: str = "", structured_inputs: str = ""):
-        self.module = module
-        self.method = method
-        self.policy = policy
-        self.structured = structured
-        self.structured_policy = structured_policy
-        self.structured_inputs = structured_inputs
 
-    def init(self, rngs: jax.Array | dict[str, jax.Array], *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Variables ``{"frozen", "gates", ...}``. ``rngs``: ``{"params": k1, "gates": k2}``, or one
-        key k: the weights are then exactly ``module.init(k, ...)``'s and the gates use fold_in(k, 1).
+def _merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two nested dicts with disjoint leaves as one."""
+    out = dict(a)
+    for name, value in b.items():
+        out[name] = _merged(out[name], value) if name in out else value
+    return out
 
-        The module's init runs under jit, as ``slt_jax.init_variables`` (and so ``load_ticket``)
-        runs it: an eager init can differ from a jitted one by an ulp. ``kwargs`` are static."""
-        if not isinstance(rngs, dict):
-            rngs = {"params": rngs, GATES: jax.random.fold_in(rngs, 1)}
-        gates_key = rngs[GATES]
-        others = {k: v for k, v in rngs.items() if k != GATES}
-        variables = dict(jax.jit(lambda r, *a: self.module.init(r, *a, **kwargs))(others, *args))
-        if not jax.tree.leaves(variables.get("params")):
-            raise ValueError(f"module {type(self.module).__name__} has no parameters to gate (its variables: "
-                             f"{sorted(variables) or 'none'}); allowed: a module with at least one parameter")
-        frozen = variables.pop("params")
-        return {FROZEN: frozen, GATES: self.method.init(gates_key, self.gate_shapes(frozen)), **variables}
+
+class Gated(nn.Module):
+    """A Linen module's frozen weights and a method's gates, itself a Linen module; see the module
+    docstring. Build it with ``slt_jax.gated``."""
+
+    module: Any
+    method: Any
+    policy: str = masking.DEFAULT_POLICY
+    structured: bool = False
+    structured_policy: str = ""
+    structured_inputs: str = ""
+    trainable: str = ""
+    seed: int | None = None
+    deterministic: bool | None = None
 
     def gate_shapes(self, frozen: Any) -> Any:
         """The gate tree's template for these weights (``slt_jax.masking.gate_shapes``)."""
         return masking.gate_shapes(frozen, self.policy, self.structured, self.structured_policy,
                                    self.structured_inputs)
 
-    def masks(self, gates: Any, key: jax.Array | None = None, step: Any = 0) -> Any:
-        """A training sample of the masks with ``key``; without one, the binary ticket's masks."""
-        return self.method.binary_masks(gates) if key is None else self.method.train_masks(gates, key, step)
+    def _inner(self) -> nn.Module:
+        # The user's module, applied as a function of the variables this module holds: unbound,
+        # so its variables live in our collections rather than under a child scope of its own.
+        return self.module.clone(parent=None)
 
-    def apply(self, variables: dict[str, Any], *args: Any, rngs: dict[str, jax.Array] | None = None, step: Any = 0,
-              mutable: Any = False, **kwargs: Any) -> Any:
-        """``module.apply`` on the gated weights. ``rngs["gates"]`` samples training masks (at
-        ``step``, which sets e.g. CRBG's temperature); without it the binary ticket is applied."""
-        if mutable is True or (mutable and {FROZEN, GATES} & set([mutable] if isinstance(mutable, str) else mutable)):
-            raise ValueError(f"mutable={mutable!r}; allowed: collections other than {FROZEN!r} and {GATES!r}")
-        rngs = dict(rngs or {})
-        variables = stop_frozen(variables)
-        params = self.method.masked_params(variables[FROZEN], self.masks(variables[GATES], rngs.pop(GATES, None), step))
-        others = {k: v for k, v in variables.items() if k not in (FROZEN, GATES)}
-        return self.module.apply({"params": params, **others}, *args, rngs=rngs or None, mutable=mutable, **kwargs)
+    def _initialise(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        inner = self._inner()
+        key = weights_key(self.seed) if self.seed is not None else self.make_rng(PARAMS)
+        # Under jit, as slt_jax.init_variables (and so load_ticket) draws them: an eager init can
+        # differ from a jitted one by an ulp.
+        variables = dict(jax.jit(lambda k, *a: inner.init(k, *a, **kwargs))(key, *args))
+        params = variables.pop(PARAMS, {})
+        if not params:
+            raise ValueError(f"gated({type(self.module).__name__}): the module has no parameters to gate")
+        pattern = re.compile(self.trainable) if self.trainable else None
+        trainable = _subtree(params, lambda p: bool(pattern.search(p))) if pattern else {}
+        if pattern and not trainable:
+            raise ValueError(f"trainable={self.trainable!r} matches no parameter; allowed: a regex over path names "
+                             f"such as {', '.join(sorted(masking.named_leaves(params))[:3])}")
+        frozen = _subtree(params, lambda p: not (pattern and pattern.search(p)))
+        gates = self.method.init(self.make_rng(GATES), self.gate_shapes(frozen))
+        for collection, tree in ((FROZEN, frozen), (GATES, gates), (PARAMS, trainable), *variables.items()):
+            for name, value in tree.items():
+                self.put_variable(collection, name, value)
+
+    @nn.compact
+    def __call__(self, *args: Any, deterministic: bool | None = None, step: Any = 0, **kwargs: Any) -> Any:
+        """The module on its gated weights: the binary ticket with ``deterministic=True``, a training
+        sample of the gates (a "gates" rng, at ``step``, which sets e.g. CRBG's temperature) with
+        ``deterministic=False``."""
+        if deterministic is not None and self.deterministic is not None:
+            raise ValueError(f"deterministic given twice (on the module: {self.deterministic}, at call time: "
+                             f"{deterministic}); allowed: one of them")
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if "deterministic" in inspect.signature(type(self.module).__call__).parameters:
+            # The module's own Dropout follows the same choice; at init without one, the ticket's.
+            kwargs = {"deterministic": deterministic is not False, **kwargs}
+        if self.is_initializing():
+            if FROZEN not in self.variables:  # a module called twice in one init is initialised once
+                self._initialise(args, kwargs)
+        elif self.is_mutable_collection(FROZEN) or self.is_mutable_collection(GATES):
+            raise ValueError(f"mutable collections include {FROZEN!r} or {GATES!r}; allowed: the module's other "
+                             "collections (e.g. mutable=['batch_stats'])")
+        if deterministic is None and not self.is_initializing():
+            raise ValueError("gated module applied without deterministic=; allowed: deterministic=True (the binary "
+                             "ticket) or deterministic=False with rngs={'gates': key} (a training sample)")
+        if deterministic is False and not (self.has_rng(GATES) or self.is_initializing()):  # init: "params"
+            raise ValueError("deterministic=False samples the gates, which needs rngs={'gates': key}; allowed: "
+                             "that rng, or deterministic=True for the binary ticket")
+        variables = self.variables
+        gates = variables[GATES]
+        frozen = jax.lax.stop_gradient(variables[FROZEN])
+        if deterministic is False:
+            masks = self.method.train_masks(gates, self.make_rng(GATES), step)
+        else:
+            masks = self.method.binary_masks(gates)
+        params = _merged(self.method.masked_params(frozen, masks), variables.get(PARAMS, {}))
+        others = {c: tree for c, tree in variables.items() if c not in (FROZEN, GATES, PARAMS)}
+        mutable = [c for c in others if self.is_mutable_collection(c)]
+        rngs = {name: self.make_rng(name) for name in self.scope.rngs if name not in (GATES, PARAMS)}
+        out = self._inner().apply({PARAMS: params, **others}, *args, rngs=rngs, mutable=mutable or False, **kwargs)
+        if not mutable:
+            return out
+        out, updates = out
+        for collection, tree in updates.items():
+            for name, value in tree.items():
+                self.put_variable(collection, name, value)
+        return out
 
 
 def gated(module: Any, method: Any, *, policy: str = masking.DEFAULT_POLICY, structured: bool = False,
-          structured_policy: str = "", structured_inputs: str = "") -> Gated:
+          structured_policy: str = "", structured_inputs: str = "", trainable: str = "", seed: int | None = None,
+          deterministic: bool | None = None, name: str | None = None) -> Gated:
     """``module`` (any Flax Linen module) with frozen weights and ``method``'s gates; see ``Gated``.
 
     ``policy`` is a regex over parameter path names (default: every kernel); ``structured`` gives
     one gate per output unit / channel / head (the unit's bias closes with it); ``structured_policy``
     and ``structured_inputs`` pick which leaves get unit and input-feature gates
-    (``slt_jax.masking.gate_shapes``).
+    (``slt_jax.masking.gate_shapes``). ``trainable`` is a regex naming leaves that stay ordinary
+    trainable params (neither frozen nor gated). ``seed`` draws the frozen weights from
+    ``weights_key(seed)``; ``deterministic`` fixes the sample/ticket choice on the module;
+    ``name`` names it inside a parent module.
     """
-    return Gated(module, method, policy, structured, structured_policy, structured_inputs)
+    return Gated(module, method, policy, structured, structured_policy, structured_inputs, trainable, seed,
+                 deterministic, name=name)

@@ -56,4 +56,5 @@ def shard_batch(batch: tuple[np.ndarray, ...], mesh: jax.sharding.Mesh) -> tuple
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``tree`` on every device of ``mesh`` (gates, frozen weights, optimiser and method state)."""
     return jax.device_put(tree, replicated(mesh))

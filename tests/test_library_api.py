@@ -59,9 +59,10 @@ def _assert_bit_identical(tree, copies):
 
 @functools.lru_cache(maxsize=None)
 def _init(method, policy=masking.DEFAULT_POLICY, structured=False, batch_norm=False):
-    """``gated(model, method).init(key(0), x[:1])``, once per setting (tests never mutate it)."""
-    model = slt_jax.gated(UsersBNNet() if batch_norm else UsersCNN(), method, policy=policy, structured=structured)
-    return model, jax.jit(model.init)(jax.random.key(0), _data(1)[0])
+    """``gated(model, method, seed=0).init(key(1), x[:1])``, once per setting (tests never mutate it)."""
+    model = slt_jax.gated(UsersBNNet() if batch_norm else UsersCNN(), method, policy=policy, structured=structured,
+                          seed=0)
+    return model, jax.jit(model.init)(jax.random.key(1), _data(1)[0])
 
 
 def _ce(logits, y):
@@ -73,19 +74,26 @@ def test_every_public_name_resolves():
         assert getattr(slt_jax, name) is not None, name
 
 
-def test_gated_init_keeps_the_modules_own_weights_and_adds_gates():
+def test_gated_is_a_linen_module_whose_frozen_weights_are_its_seeds():
     method = CRBG
     x, _ = _data()
-    key = jax.random.key(0)
-    variables = jax.jit(slt_jax.gated(UsersCNN(), method, policy=r"(kernel|bias)$").init)(key, x[:1])
+    model = slt_jax.gated(UsersCNN(), method, policy=r"(kernel|bias)$", seed=0)
+    assert isinstance(model, nn.Module)
+    variables = jax.jit(model.init)(jax.random.key(1), x[:1])
     assert set(variables) == {"frozen", "gates"}
-    plain = jax.jit(UsersCNN().init)(key, x[:1])["params"]
-    jax.tree.map(np.testing.assert_array_equal, variables["frozen"], plain)  # exactly module.init's weights
+    # The weights are exactly the seed's (what load_ticket regenerates), whatever key init is given.
+    plain = jax.jit(UsersCNN().init)(slt_jax.weights_key(0), x[:1])["params"]
+    jax.tree.map(np.testing.assert_array_equal, variables["frozen"], plain)
+    other = jax.jit(model.init)(jax.random.key(2), x[:1])
+    jax.tree.map(np.testing.assert_array_equal, other["frozen"], plain)
+    assert not np.array_equal(other["gates"]["Dense_0"]["kernel"], variables["gates"]["Dense_0"]["kernel"])
     shapes = masking.gate_shapes(plain, r"(kernel|bias)$")
-    expected = jax.jit(lambda k: method.init(k, shapes))(jax.random.fold_in(key, 1))
-    jax.tree.map(np.testing.assert_array_equal, variables["gates"], expected)
+    assert jax.tree.map(jnp.shape, variables["gates"]) == jax.tree.map(lambda s: s.shape, shapes)
     assert variables["gates"]["LayerNorm_0"]["scale"] is None  # the policy matches no "scale"
     assert variables["gates"]["Dense_0"]["bias"].shape == (16,)
+    # Without a seed: Linen's "params" stream, as any submodule's weights.
+    unseeded = jax.jit(slt_jax.gated(UsersCNN(), method).init)(jax.random.key(1), x[:1])
+    assert not np.array_equal(unseeded["frozen"]["Dense_0"]["kernel"], plain["Dense_0"]["kernel"])
 
 
 @pytest.mark.parametrize("structured", [False, True])
@@ -110,7 +118,7 @@ def test_gates_only_adam_moves_the_gates_and_never_the_frozen_weights(structured
     @jax.jit
     def train_step(variables, opt_state, lam_state, step, key):
         def loss_fn(v):
-            logits = model.apply(v, x, rngs={"gates": key}, step=step)
+            logits = model.apply(v, x, deterministic=False, rngs={"gates": key}, step=step)
             penalty, aux = method.penalty(v["gates"], lam_state, step)
             return _ce(logits, y) + penalty, aux
 
@@ -155,7 +163,7 @@ def test_grad_over_all_variables_stops_at_frozen_and_costs_what_gates_only_cost(
     key = jax.random.key(1)
 
     def loss(v, k):
-        return _ce(model.apply(v, x, rngs={"gates": k}, step=3), y)
+        return _ce(model.apply(v, x, deterministic=False, rngs={"gates": k}, step=3), y)
 
     def grad_all(v, k):
         return jax.grad(loss)(v, k)
@@ -204,16 +212,44 @@ def test_gated_apply_refuses_to_mutate_frozen_or_gates():
     assert set(variables) == {"frozen", "gates", "batch_stats"}
     for mutable in ("frozen", "gates", ["gates"], ("batch_stats", "frozen"), True):
         with pytest.raises(ValueError, match="mutable"):
-            model.apply(variables, x, train=True, mutable=mutable)
+            model.apply(variables, x, deterministic=True, train=True, mutable=mutable)
     # Other collections may be mutable: BatchNorm's statistics update.
-    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    logits, updates = model.apply(variables, x, deterministic=True, train=True, mutable=["batch_stats"])
     assert logits.shape == (8, 3) and set(updates) == {"batch_stats"}
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"], variables["batch_stats"])
     assert any(jax.tree.leaves(moved))
 
 
+class _StreamKey(nn.Module):
+    """The key ``make_rng(name)`` gives a root module's first call: what ``Gated`` samples its gates with."""
+
+    name_: str = "gates"
+
+    @nn.compact
+    def __call__(self):
+        return self.make_rng(self.name_)
+
+
+def test_gated_apply_asks_for_sample_or_ticket_in_one_line():
+    # Silent case 6: a forgotten gates rng used to apply the binary ticket (gradient 0) without a word.
+    model, variables = _init(CRBG)
+    x, y = _data(8)
+    for kwargs, match in (({}, "deterministic"), ({"deterministic": False}, "rngs"),
+                          ({"rngs": {"gates": jax.random.key(0)}}, "deterministic")):
+        with pytest.raises(ValueError, match=match) as e:
+            model.apply(variables, x, **kwargs)
+        assert "\n" not in str(e.value)
+    # Inside a loss, the sampled choice has a gradient; the ticket has none.
+    grads = jax.grad(lambda g: _ce(model.apply({**variables, "gates": g}, x, deterministic=False,
+                                               rngs={"gates": jax.random.key(0)}), y))(variables["gates"])
+    assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+    # The choice may be made once, on the module, as nn.Dropout's.
+    ticket = model.clone(deterministic=True).apply(variables, x)
+    np.testing.assert_array_equal(ticket, model.apply(variables, x, deterministic=True))
+
+
 @pytest.mark.parametrize("method", [CRBG, EDGEPOPUP], ids=["crbg", "edgepopup"])
-def test_gated_apply_without_a_gates_rng_is_the_binary_ticket(method):
+def test_gated_apply_deterministic_is_the_binary_ticket_and_otherwise_a_sample(method):
     module = UsersCNN()
     model, variables = _init(method)
     x, _ = _data(8)
@@ -222,14 +258,91 @@ def test_gated_apply_without_a_gates_rng_is_the_binary_ticket(method):
     assert 0.2 < kept < 0.8  # the ticket is not the dense network
     ticket = masking.apply_masks(variables["frozen"], binary)
     apply_module = jax.jit(lambda params: module.apply({"params": params}, x))
-    logits = jax.jit(lambda v: model.apply(v, x))(variables)
+    logits = jax.jit(lambda v: model.apply(v, x, deterministic=True))(variables)
     np.testing.assert_array_equal(logits, apply_module(ticket))
     assert not np.allclose(logits, apply_module(variables["frozen"]))
-    # With a gates rng: a training sample of the masks, at the given step.
+    # deterministic=False with a gates rng: a training sample of the masks, at the given step.
     key = jax.random.key(5)
-    sampled = masking.apply_masks(variables["frozen"], method.train_masks(variables["gates"], key, 7))
-    np.testing.assert_allclose(jax.jit(lambda v, k: model.apply(v, x, rngs={"gates": k}, step=7))(variables, key),
-                               apply_module(sampled), rtol=1e-6, atol=1e-6)
+    derived = _StreamKey().apply({}, rngs={"gates": key})
+    sampled = masking.apply_masks(variables["frozen"], method.train_masks(variables["gates"], derived, 7))
+    out = jax.jit(lambda v, k: model.apply(v, x, deterministic=False, rngs={"gates": k}, step=7))(variables, key)
+    np.testing.assert_allclose(out, apply_module(sampled), rtol=1e-6, atol=1e-6)
+
+
+class Backbone(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+        return nn.LayerNorm()(x)
+
+
+class BigModel(nn.Module):
+    """A larger model: a gated backbone (frozen weights, gates) and an ordinary trainable head."""
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool, step=0):
+        features = slt_jax.gated(Backbone(), CRBG, seed=3, name="backbone")(x, deterministic=deterministic, step=step)
+        return nn.Dense(3, name="head")(features)
+
+
+def test_a_gated_module_nests_inside_a_larger_model_with_a_trainable_head():
+    x, y = _data(16)
+    variables = BigModel().init(jax.random.key(0), x[:1], deterministic=True)
+    assert set(variables) == {"params", "frozen", "gates"}
+    assert set(variables["params"]) == {"head"} and set(variables["frozen"]) == {"backbone"}
+    seeds = jax.jit(Backbone().init)(slt_jax.weights_key(3), x[:1])["params"]
+    jax.tree.map(np.testing.assert_array_equal, variables["frozen"]["backbone"], seeds)
+
+    def loss(trainable, frozen, key):
+        logits = BigModel().apply({**trainable, "frozen": frozen}, x, deterministic=False, rngs={"gates": key})
+        return _ce(logits, y)
+
+    trainable = {"params": variables["params"], "gates": variables["gates"]}
+    grads = jax.grad(loss)(trainable, variables["frozen"], jax.random.key(1))
+    assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["params"]))
+    assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["gates"]))
+
+
+def test_trainable_names_leaves_that_stay_ordinary_params():
+    x, y = _data(16)
+    model = slt_jax.gated(UsersCNN(), CRBG, seed=0, trainable=r"(Dense_1|LayerNorm_0)/")
+    variables = model.init(jax.random.key(1), x[:1])
+    assert set(variables) == {"frozen", "gates", "params"}
+    assert set(variables["params"]) == {"Dense_1", "LayerNorm_0"}
+    assert set(variables["frozen"]) == set(variables["gates"]) == {"Conv_0", "Dense_0"}
+    seeds = jax.jit(UsersCNN().init)(slt_jax.weights_key(0), x[:1])["params"]
+    np.testing.assert_array_equal(variables["params"]["Dense_1"]["kernel"], seeds["Dense_1"]["kernel"])
+
+    def loss(trainable):
+        logits = model.apply({**variables, **trainable}, x, deterministic=False, rngs={"gates": jax.random.key(2)})
+        return _ce(logits, y)
+
+    grads = jax.grad(loss)({"params": variables["params"], "gates": variables["gates"]})
+    assert all(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["params"]))
+    with pytest.raises(ValueError, match="trainable") as e:
+        slt_jax.gated(UsersCNN(), CRBG, trainable="Nothing_9/").init(jax.random.key(1), x[:1])
+    assert "\n" not in str(e.value)
+
+
+class UsersDropoutNet(nn.Module):
+    """A user's model with Dropout, Linen's convention: ``deterministic`` at call time."""
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+        x = nn.Dropout(0.5)(x, deterministic=deterministic)
+        return nn.Dense(3)(x)
+
+
+def test_gated_passes_deterministic_and_the_dropout_rng_to_the_module():
+    x, _ = _data(8)
+    model = slt_jax.gated(UsersDropoutNet(), EDGEPOPUP, seed=0)  # edge-popup's sample is its ticket
+    variables = model.init(jax.random.key(1), x[:1], deterministic=True)
+    ticket = model.apply(variables, x, deterministic=True)
+    sample = lambda k: model.apply(variables, x, deterministic=False,  # noqa: E731
+                                   rngs={"gates": jax.random.key(0), "dropout": k})
+    assert not np.allclose(sample(jax.random.key(1)), ticket)  # dropout ran
+    assert not np.allclose(sample(jax.random.key(1)), sample(jax.random.key(2)))
 
 
 @pytest.mark.parametrize("method", [CRBG, EDGEPOPUP], ids=["crbg", "edgepopup"])
@@ -283,3 +396,122 @@ def test_gates_only_leaves_a_negative_zero_frozen_weight_bit_identical():
     np.testing.assert_array_equal(np.asarray(new["frozen"]["w"]).view(np.uint32),
                                   np.asarray(variables["frozen"]["w"]).view(np.uint32))
     assert not np.array_equal(np.asarray(new["gates"]["w"]), np.ones(3))
+
+
+def test_make_train_step_takes_the_gated_module_frozen_an_input_never_an_output():
+    x, y = _data(32)
+    model = slt_jax.gated(UsersDropoutNet(), CRBG, seed=0)
+    variables = model.init(jax.random.key(1), x[:1], deterministic=True)
+    frozen, gates = variables["frozen"], variables["gates"]
+    frozen_bits = _bits(frozen)
+    tx = slt_jax.with_penalty(CRBG, optax.adam(0.05))
+    state = slt_jax.TrainState.create(CRBG, tx, gates, jax.random.PRNGKey(2))
+    step = slt_jax.make_train_step(model, CRBG, tx)
+    # Frozen is an argument of the compiled step and no part of its result.
+    out_shapes = jax.eval_shape(step, state, frozen, x, y)
+    out_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(out_shapes))
+    state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+    frozen_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(frozen))
+    assert out_bytes < state_bytes + frozen_bytes / 2
+    for _ in range(5):
+        state, metrics = step(state, frozen, x, y)
+    _assert_bit_identical(frozen, frozen_bits)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(frozen))  # never donated
+    assert int(state.step) == 5 and "binary_density" in metrics and "lambda" in metrics
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(gates), jax.tree.leaves(state.gates)))
+    assert int(slt_jax.penalty_optax.penalty_state(state.opt_state).step) == 5
+    assert state.method_state == {}  # the multiplier lives in the optimiser state, once
+
+
+def test_make_train_step_passes_a_dropout_rng_to_apply_fn():
+    x, y = _data(32)
+    module = UsersDropoutNet()
+    frozen = module.init(jax.random.PRNGKey(0), x[:1], deterministic=True)["params"]
+    gates = EDGEPOPUP.init(jax.random.PRNGKey(1), masking.gate_shapes(frozen))
+    tx = EDGEPOPUP.optimizer()
+    state = slt_jax.TrainState.create(EDGEPOPUP, tx, gates, jax.random.PRNGKey(2))
+    step = slt_jax.make_train_step(module.apply, EDGEPOPUP, tx, apply_kwargs={"deterministic": False})
+    state, metrics = step(state, frozen, x, y)
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_the_step_gives_the_same_gates_in_the_optax_and_the_explicit_form():
+    x, y = _data(32)
+    module = UsersCNN()
+    frozen = jax.jit(module.init)(jax.random.PRNGKey(0), x[:1])["params"]
+    method = slt_jax.CRBG(num_steps=10, sparsity=0.5, lam=0.2)
+    gates = method.init(jax.random.PRNGKey(1), masking.gate_shapes(frozen))
+    explicit = slt_jax.TrainState.create(method, optax.adam(0.05), gates, jax.random.PRNGKey(2))
+    explicit_step = slt_jax.make_train_step(module.apply, method, optax.adam(0.05))
+    tx = slt_jax.with_penalty(method, optax.adam(0.05))
+    inside = slt_jax.TrainState.create(method, tx, jax.tree.map(jnp.array, gates), jax.random.PRNGKey(2))
+    inside_step = slt_jax.make_train_step(module.apply, method, tx)
+    for _ in range(4):
+        explicit, m1 = explicit_step(explicit, frozen, x, y)
+        inside, m2 = inside_step(inside, frozen, x, y)
+    jax.tree.map(np.testing.assert_array_equal, explicit.gates, inside.gates)
+    np.testing.assert_array_equal(m1["lambda"], m2["lambda"])
+    np.testing.assert_array_equal(m1["cross_entropy"], m2["cross_entropy"])
+
+
+def test_a_state_made_for_another_method_is_named_in_one_line():
+    # Was: KeyError 'lambda' from deep inside the traced step.
+    x, y = _data(8)
+    module = UsersCNN()
+    frozen = jax.jit(module.init)(jax.random.PRNGKey(0), x[:1])["params"]
+    gates = EDGEPOPUP.init(jax.random.PRNGKey(1), masking.gate_shapes(frozen))
+    state = slt_jax.TrainState.create(EDGEPOPUP, EDGEPOPUP.optimizer(), gates, jax.random.PRNGKey(2))
+    step = slt_jax.make_train_step(module.apply, CRBG, CRBG.optimizer())
+    with pytest.raises(ValueError, match="crbg") as e:
+        step(state, frozen, x, y)
+    assert "\n" not in str(e.value)
+    gated_model = slt_jax.gated(module, EDGEPOPUP, seed=0)
+    with pytest.raises(ValueError, match="method") as e:
+        slt_jax.make_train_step(gated_model, CRBG, CRBG.optimizer())
+    assert "\n" not in str(e.value)
+
+
+def test_the_public_api_has_the_sharding_helpers_the_sparsity_report_and_iterands_redraw():
+    for name in ("make_mesh", "shard_batch", "replicate", "sparsity_report", "IteRand", "params_by_generation"):
+        assert name in slt_jax.__all__, name
+    # IteRand's re-draw in a loop of one's own, from public names only.
+    x, _ = _data(8)
+    method = slt_jax.IteRand(num_steps=10, redraw_every=2, redraw_fraction=1.0, sparsity=0.5)
+    draw = slt_jax.params_by_generation(UsersCNN(), (6, 6, 1), seed=0)
+    params = draw(0)
+    gates = method.init(jax.random.key(1), slt_jax.gate_shapes(params))
+    state = method.init_state(gates)
+    assert method.is_redraw_step(2)
+    state, redrawn = method.redraw(jax.random.key(2), gates, state, params, draw(1), 1)
+    pruned = ~method.binary_masks(gates)["Dense_0"]["kernel"]
+    new, old = np.asarray(redrawn["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["kernel"])
+    assert np.all(new[pruned] != old[pruned]) and np.array_equal(new[~pruned], old[~pruned])
+    assert np.all(np.asarray(state["generation"]["Dense_0"]["kernel"])[pruned] == 1)
+    mesh = slt_jax.make_mesh(1)
+    xs, = slt_jax.shard_batch((np.asarray(x),), mesh)
+    assert xs.shape == x.shape and slt_jax.replicate(gates, mesh) is not None
+    report = slt_jax.sparsity_report(params, method.binary_masks(gates))
+    assert 0.4 < report["sparsity"] < 0.6
+
+
+class _Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        g = slt_jax.gated(Backbone(), CRBG, seed=1, name="shared")
+        return g(x, deterministic=True) + g(x, deterministic=True)  # one gated module, called twice
+
+
+class _NoParams(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(x)
+
+
+def test_a_gated_module_called_twice_is_initialised_once_and_one_without_params_is_refused():
+    x, _ = _data(4)
+    variables = _Shared().init(jax.random.key(0), x)
+    assert set(variables["frozen"]) == {"shared"}
+    assert _Shared().apply(variables, x).shape == (4, 16)
+    with pytest.raises(ValueError, match="no parameters") as e:
+        slt_jax.gated(_NoParams(), CRBG).init(jax.random.key(0), x)
+    assert "\n" not in str(e.value)

@@ -112,7 +112,8 @@ def test_structured_gate_closes_kernel_column_and_bias_as_linen():
     np.testing.assert_array_equal(np.delete(out["kernel"], 2, 1), np.delete(kernel, 2, 1))
     np.testing.assert_array_equal(np.delete(out["bias"], 2), np.delete(bias, 2))
     # Linen with the same weights and gates computes the same unit-closed layer.
-    linen_out = linen.apply({"frozen": frozen, "gates": {"lin": {"kernel": closed, "bias": None}}}, X)
+    linen_out = linen.apply({"frozen": frozen, "gates": {"lin": {"kernel": closed, "bias": None}}}, X,
+                            deterministic=True)
     np.testing.assert_allclose(out["y"], linen_out, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(linen_out[:, 2], 0.0)
 
