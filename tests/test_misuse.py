@@ -172,12 +172,13 @@ def test_structured_bias_of_a_per_weight_kernel_keeps_its_own_gate():
 
 
 def test_gated_structured_with_bias_policy_removes_whole_units():
-    g = slt_jax.gated(MLP(), slt_jax.CRBG(num_steps=10), policy=r"(kernel|bias)$", structured=True)
+    method = slt_jax.CRBG(num_steps=10)
+    g = slt_jax.gated(MLP(), method, policy=r"(kernel|bias)$", structured=True)
     variables = g.init(jax.random.key(0), jnp.ones((1, 5)))
     assert variables["gates"]["Dense_0"]["bias"] is None
     gates = jax.tree.map(lambda p: jnp.where(jnp.arange(p.shape[-1]) % 2 == 0, 1.0, -1.0) * jnp.ones(p.shape),
                          variables["gates"])
-    masked = masking.apply_masks(jax.tree.map(jnp.ones_like, variables["frozen"]), g.masks(gates))
+    masked = masking.apply_masks(jax.tree.map(jnp.ones_like, variables["frozen"]), method.binary_masks(gates))
     assert np.all(np.asarray(masked["Dense_0"]["bias"])[1::2] == 0)
     assert np.all(np.asarray(masked["Dense_0"]["kernel"])[:, 1::2] == 0)
 
