@@ -93,6 +93,10 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "crbg_fan_in": ("crbg", {"crbg.density_constraint": "fan_in"}),
     "crbg_margin0.5": ("crbg", {"crbg.gate_margin": 0.5}),
     "crbg_margin1": ("crbg", {"crbg.gate_margin": 1.0}),
+    # Issue 21's landing: the gates shifted onto a target ramped over 30% of the budget, every step.
+    "crbg_shift": ("crbg", {"crbg.shift_onto_target": True, "crbg.target_ramp": 0.3}),
+    "crbg_st_shift": ("crbg", {"crbg.family": "gaussian_st", "crbg.shift_onto_target": True,
+                               "crbg.target_ramp": 0.3}),
 }
 DATASETS = ("mnist", "mnist_shifted", "mnist_rotated", "digits")
 
