@@ -38,8 +38,8 @@ FLAGS = ["--config.num_epochs=0", f"--config.num_steps={STEPS}", "--config.progr
 
 def _config(**overrides):
     c = default.get_config()
-    c.update(num_epochs=0, num_steps=STEPS, progress=False, plots=False, num_devices=1, checkpoint_every=0,
-             **overrides)
+    c.update({"num_epochs": 0, "num_steps": STEPS, "progress": False, "plots": False, "num_devices": 1,
+              "checkpoint_every": 0, **overrides})
     return c
 
 
@@ -207,11 +207,11 @@ def test_a_changed_method_default_is_a_refused_resume(digits_run):
 
 class MLP(nn.Module):
     act: str = "relu"
-    init: str = "lecun"
+    kernel: str = "lecun"
 
     @nn.compact
     def __call__(self, x):
-        kinit = nn.initializers.lecun_normal() if self.init == "lecun" else nn.initializers.normal(0.1)
+        kinit = nn.initializers.lecun_normal() if self.kernel == "lecun" else nn.initializers.normal(0.1)
         act = nn.relu if self.act == "relu" else nn.tanh
         return nn.Dense(10, kernel_init=kinit)(act(nn.Dense(32, kernel_init=kinit)(x)))
 
@@ -248,7 +248,7 @@ def test_a_ticket_loads_only_with_a_module_that_draws_its_weights(tmp_path):
         {"params": slt_jax.apply_masks(params, masks)}, x), -1))
     # Another init draws other weights from the same seed: refused in one line.
     with pytest.raises(TicketError) as err:
-        slt_jax.load_ticket(path, model=MLP(init="normal"))
+        slt_jax.load_ticket(path, model=MLP(kernel="normal"))
     assert "\n" not in str(err.value) and "model" in str(err.value)
 
 
@@ -260,7 +260,7 @@ def test_without_frozen_the_ticket_fingerprints_the_seeds_weights(tmp_path):
         slt_jax.save_ticket(path, {"seed": 0, "input_shape": [64]}, masks, model=MLP())
     assert slt_jax.load_ticket(path, model=MLP()).meta["weights_fingerprint"]["leaves"]
     with pytest.raises(TicketError):
-        slt_jax.load_ticket(path, model=MLP(init="normal"))
+        slt_jax.load_ticket(path, model=MLP(kernel="normal"))
 
 
 def _edited_ticket(digits_run, tmp_path, edit):
