@@ -25,7 +25,7 @@ import numpy as np
 from slt_jax import masking
 
 # The jax flags that change the weights a seed draws, each with its context manager's name on ``jax``
-# (jax >= 0.4.36 has both; the environment variable sets it for a whole process).
+# (jax 0.10 has both; the environment variable, JAX_ENABLE_X64=1, sets one for a whole process).
 WEIGHT_FLAGS = {"jax_enable_x64": "enable_x64", "jax_threefry_partitionable": "threefry_partitionable"}
 
 
@@ -43,33 +43,41 @@ def weights_digest(params: Any) -> dict[str, Any]:
     return {"sha256": whole.hexdigest(), "leaves": leaves}
 
 
+def _flag(flag: str) -> bool | None:
+    value = getattr(jax.config, flag, None)  # None: a jax without this flag
+    return None if value is None else bool(value)
+
+
 def current_settings(frozen_dtype: str = "float32", frozen_from_sha256: str | None = None) -> dict[str, Any]:
     """The settings weights drawn now, in this process, are drawn and rounded under."""
-    return {"jax": jax.__version__, **{flag: bool(getattr(jax.config, flag)) for flag in WEIGHT_FLAGS},
+    return {"jax": jax.__version__, **{flag: _flag(flag) for flag in WEIGHT_FLAGS},
             "frozen_dtype": frozen_dtype, "frozen_from_sha256": frozen_from_sha256}
-
-
-class SettingUnavailable(RuntimeError):
-    """This jax cannot set a recorded flag for the span of a draw."""
 
 
 @contextlib.contextmanager
 def drawn_under(settings: dict[str, Any] | None) -> Iterator[None]:
     """Within the block, the weight flags ``settings`` records (``jax_enable_x64``,
-    ``jax_threefry_partitionable``) hold, whatever the process set; a flag it does not record
-    keeps the process's value. Raises ``SettingUnavailable`` naming the flag and its environment
-    variable when this jax has no context manager for a flag that must change."""
-    with contextlib.ExitStack() as stack:
-        for flag, manager in WEIGHT_FLAGS.items():
-            wanted = (settings or {}).get(flag)
-            if wanted is None or bool(getattr(jax.config, flag)) == wanted:
-                continue
-            context = getattr(jax, manager, None)
-            if context is None:
-                raise SettingUnavailable(f"this jax {jax.__version__} cannot set {flag}={wanted} for one draw; run "
-                                         f"with {flag.upper()}={int(wanted)}")
-            stack.enter_context(context(wanted))
-        yield
+    ``jax_threefry_partitionable``) hold, whatever the process set: through jax's context manager
+    for the flag, or, in a jax without one, ``jax.config.update`` undone at the end. A flag that
+    ``settings`` does not record, or that this jax does not have, is left as it is (the digest
+    check then names it)."""
+    restore: dict[str, bool] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            for flag, manager in WEIGHT_FLAGS.items():
+                wanted, now = (settings or {}).get(flag), _flag(flag)
+                if wanted is None or now is None or now == wanted:
+                    continue
+                context = getattr(jax, manager, None)
+                if context is not None:
+                    stack.enter_context(context(wanted))
+                else:
+                    restore[flag] = now
+                    jax.config.update(flag, wanted)
+            yield
+    finally:
+        for flag, value in restore.items():
+            jax.config.update(flag, value)
 
 
 def mismatch_cause(recorded: dict[str, Any], digest: dict[str, Any], now: dict[str, Any], what: str) -> str:

@@ -302,3 +302,12 @@ def test_a_ticket_without_a_fingerprint_still_loads(digits_run, tmp_path):
     ticket = slt_jax.load_ticket(_edited_ticket(digits_run, tmp_path, edit))
     data = np.load(val)
     assert np.mean(ticket.predict(data["x_val"]) == data["y_val"]) == summary["val_accuracy"]
+
+
+def test_a_jax_without_the_flags_context_managers_still_draws_under_the_recorded_flags(monkeypatch):
+    from slt_jax.weights_fingerprint import drawn_under
+
+    monkeypatch.delattr(jax, "enable_x64")  # as in a jax that has only jax.config.update for it
+    with drawn_under({"jax_enable_x64": True}):
+        assert jax.numpy.zeros(()).dtype == np.float64
+    assert jax.numpy.zeros(()).dtype == np.float32 and not jax.config.jax_enable_x64

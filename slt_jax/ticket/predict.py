@@ -21,7 +21,7 @@ from slt_jax.data.arrays import preprocess
 from slt_jax.frozen import init_variables
 from slt_jax.ticket.errors import TicketError
 from slt_jax.ticket.regenerate import init_kwargs, kept_weights_digest, network_weights, ticket_weights
-from slt_jax.weights_fingerprint import SettingUnavailable, current_settings, drawn_under, mismatch_cause
+from slt_jax.weights_fingerprint import current_settings, drawn_under, mismatch_cause
 
 
 def _unflatten_like(template: Any, flat: dict[str, np.ndarray]) -> Any:
@@ -44,10 +44,12 @@ class Ticket:
         self._flat_state = state
         self._frozen_from = frozen_from
         self._generations = generations
+        # The jax flags the weights were drawn under; none recorded (an older ticket): the process's own.
+        self._drawn_under = (meta.get("weights_fingerprint") or {}).get("settings")
 
     @functools.cached_property
     def _variables(self) -> dict[str, Any]:
-        with self._recorded_settings():
+        with drawn_under(self._drawn_under):
             variables = init_variables(self.model, tuple(self.meta["input_shape"]), self.meta["seed"],
                                        init_kwargs(self.meta))
         unknown = sorted(set(self._named_gates) - set(masking.named_leaves(variables["params"])))
@@ -56,18 +58,10 @@ class Ticket:
                              "load it with the model it was made with")
         return variables
 
-    def _recorded_settings(self):
-        """The weight flags the ticket's weights were drawn under (``weights_fingerprint.settings``;
-        none recorded: the process's own)."""
-        try:
-            return drawn_under((self.meta.get("weights_fingerprint") or {}).get("settings"))
-        except SettingUnavailable as e:
-            raise TicketError(f"{self.path}: {e}") from None
-
     @functools.cached_property
     def _network(self) -> Any:
         """The weights the gates were trained on, checked against ``weights_fingerprint``."""
-        with self._recorded_settings():
+        with drawn_under(self._drawn_under):
             network = network_weights(self.meta, self.model, self._variables["params"], self._frozen_from,
                                       self._generations)
         recorded = self.meta.get("weights_fingerprint")
@@ -75,9 +69,9 @@ class Ticket:
             digest = kept_weights_digest(network, self._named_gates)
             if digest["sha256"] != recorded.get("sha256") or digest["leaves"] != recorded.get("leaves"):
                 settings = recorded.get("settings") or {}
-                # Drawn under the recorded flags: only the jax version (or the seed, or the model) can differ.
-                now = {**current_settings(settings.get("frozen_dtype", "float32"), settings.get("frozen_from_sha256")),
-                       **{k: v for k, v in settings.items() if k.startswith("jax_")}}
+                # Drawn under the recorded flags (those this jax has): the jax version, the seed or the model differ.
+                now = current_settings(settings.get("frozen_dtype", "float32"), settings.get("frozen_from_sha256"))
+                now.update({k: settings[k] for k in now if k.startswith("jax_") and now[k] is not None and k in settings})
                 what = (f"seed {self.meta['seed']} draws other weights on this model than the ticket's gates were "
                         "trained on: load it with the model it was made with (another init draws others), or save "
                         "it with the seed its weights were drawn from")
