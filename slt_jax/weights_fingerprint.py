@@ -1,8 +1,9 @@
 """What identifies a frozen network: a digest of its weights and the jax settings that drew them.
 
-The same seed draws other weights under other settings: ``JAX_ENABLE_X64=1`` changes how Flax's
-initialisers compute, ``JAX_THREEFRY_PARTITIONABLE=0`` which random bits a key gives, and a new
-jax version may change either. So a ticket and a checkpoint record
+The same seed draws other weights under other settings: in a process with ``JAX_ENABLE_X64=1`` or
+``JAX_THREEFRY_PARTITIONABLE=0`` the digits MLP's weights come out different
+(``tests/test_fingerprint.py``), and another jax version may draw others too. So a ticket and a
+checkpoint record
 
 * ``weights_digest``: per leaf, the sha256 of its dtype, shape and bytes; whole, the sha256 of
   every leaf's name and digest in name order;
