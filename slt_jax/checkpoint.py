@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from flax import serialization
 
+from slt_jax.weights_fingerprint import mismatch_cause
+
 log = logging.getLogger(__name__)
 
 
@@ -96,6 +98,23 @@ def data_fingerprint(dataset: Any) -> dict[str, str]:
     return {"name": str(getattr(dataset, "name", type(dataset).__name__)), "sha256": digest.hexdigest()}
 
 
+# Fingerprint keys added after the first checkpoints were written, and what each one records.
+LATER_KEYS = {"data": "data fingerprint", "frozen_weights": "frozen weights' digest", "method": "resolved method"}
+
+
+def _weights_problem(theirs: Any, ours: dict[str, Any], frozen_from: str | None) -> str | None:
+    """None if ``theirs`` (a checkpoint's ``frozen_weights``) records the weights ``ours`` does, drawn
+    from the same params file; else why not, in one clause."""
+    theirs = theirs if isinstance(theirs, dict) else {}
+    then, now = theirs.get("settings") or {}, ours["settings"]
+    if theirs.get("sha256") == ours["sha256"] and then.get("frozen_from_sha256") == now["frozen_from_sha256"]:
+        return None
+    if then.get("frozen_from_sha256") != now["frozen_from_sha256"]:
+        return (f"the params file frozen_from={frozen_from!r} was replaced (sha256 "
+                f"{str(then.get('frozen_from_sha256'))[:12]}... then, {str(now['frozen_from_sha256'])[:12]}... now)")
+    return mismatch_cause(theirs, ours, now, "the seed draws other weights than then: the model's initialisers changed")
+
+
 class Checkpointer:
     def __init__(self, directory: str, fingerprint: dict[str, Any], max_to_keep: int = 2):
         self.fingerprint = fingerprint
@@ -142,23 +161,37 @@ class Checkpointer:
 
     def _check_fingerprint(self, step: int, theirs: dict[str, Any]) -> None:
         ours = self.fingerprint
-        legacy = "data" in ours and "data" not in theirs  # made before data was fingerprinted
+        # Recorded since: a checkpoint made before lacks them, and resumes with a warning.
+        legacy = sorted(k for k in LATER_KEYS if k in ours and k not in theirs)
         if legacy:
-            ours = {k: v for k, v in ours.items() if k != "data"}
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            ours = {k: v for k, v in ours.items() if k not in legacy}
+        diff = sorted(k for k in set(theirs) | set(ours) if k != "frozen_weights" and theirs.get(k) != ours.get(k))
+        where = f"checkpoint {step} in {self.directory}"
+        if "frozen_weights" in ours and not diff:
+            problem = _weights_problem(theirs["frozen_weights"], ours["frozen_weights"], ours.get("frozen_from"))
+            if problem:
+                raise CheckpointMismatch(f"{where} was trained on other frozen weights: {problem}; use another "
+                                         "--workdir, or the setup the checkpoint was trained with")
         if not diff:
             if legacy:
-                log.warning("checkpoint %d in %s records no data fingerprint: resuming without checking that the "
-                            "data is unchanged", step, self.directory)
+                log.warning("checkpoint %d in %s records no %s: resuming without checking that they are unchanged",
+                            step, self.directory, " nor ".join(LATER_KEYS[k] for k in legacy))
             return
         if diff == ["data"]:
             then, now = (d if isinstance(d, dict) else {} for d in (theirs["data"], ours["data"]))
             raise CheckpointMismatch(
-                f"checkpoint {step} in {self.directory} was trained on other data: {now.get('name')} has changed "
+                f"{where} was trained on other data: {now.get('name')} has changed "
                 f"(content sha256 {str(then.get('sha256'))[:12]}... then, {str(now.get('sha256'))[:12]}... now); "
                 "use another --workdir, or the data the checkpoint was trained on")
+        if diff == ["method"]:
+            then, now = (d if isinstance(d, dict) else {} for d in (theirs["method"], ours["method"]))
+            changed = "; ".join(f"{k}={then.get(k)!r} then, {now.get(k)!r} now" for k in sorted(set(then) | set(now))
+                                if then.get(k) != now.get(k))
+            raise CheckpointMismatch(
+                f"{where} was made with other settings of method {now.get('name')} ({changed}): a default changed "
+                "in the code? use another --workdir, or set the value the checkpoint was made with")
         raise CheckpointMismatch(
-            f"checkpoint {step} in {self.directory} was made with a different config "
+            f"{where} was made with a different config "
             f"(differs in: {', '.join(diff)}); use another --workdir or the same config")
 
     def _set_aside(self, step: int, error: Exception) -> None:

@@ -1,6 +1,6 @@
 """What a run writes to its workdir besides metrics.jsonl and checkpoints/.
 
-``config.json`` when training starts (the config as run); when it ends, ``ticket/`` (the ticket,
+``config.json`` when training starts (the config as run, the method's defaults resolved); when it ends, ``ticket/`` (the ticket,
 ``slt_jax.ticket.save_ticket``, with what it records about the network, ``ticket_meta``), the
 plots (``slt_jax.plots``, when ``config.plots``) and ``summary.json`` (``run_summary``, also
 ``run.py``'s last line). JSON files are written whole or not at all.
@@ -29,9 +29,15 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """``WORKDIR/config.json``: the config the run was started with."""
-    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+def write_config(workdir: str, config: ml_collections.ConfigDict, method_settings: dict[str, Any]) -> None:
+    """``WORKDIR/config.json``: the config the run was started with, a None that means "the
+    method's default" (``learning_rate``, ``lr_schedule``) replaced by the value the method used
+    (``method_settings``: its dataclass fields as built)."""
+    recorded = json.loads(config.to_json())
+    for key, value in method_settings.items():
+        if key in recorded and recorded[key] is None:
+            recorded[key] = value
+    _write_json(os.path.join(workdir, "config.json"), recorded)
 
 
 def ticket_meta(run: Run) -> dict[str, Any]:
@@ -74,7 +80,7 @@ def write_outputs(run: Run, state: TrainState, summary: dict[str, Any], binary: 
             "metrics": {k: summary[k] for k in ("val_accuracy", "test_accuracy", "sparsity", "binary_gap")}}
     generation = jax.device_get(state.method_state["generation"]) if run.redraws else None
     save_ticket(os.path.join(workdir, "ticket"), meta, binary, jax.device_get(state.model_state),
-                coding=config.ticket_coding, generation=generation)
+                coding=config.ticket_coding, generation=generation, frozen=run.current_weights())
     if config.plots:
         from slt_jax.plots import write_run_plots  # matplotlib takes a second to import: only when plotting
 

@@ -85,13 +85,13 @@ def _train_and_evaluate(run: Run, workdir: str, signals: PreemptionFlag) -> dict
     metrics_path = os.path.join(workdir, "metrics.jsonl")
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                {**fingerprint(config), "data": data_fingerprint(run.dataset)})
+                                {**fingerprint(config), "data": data_fingerprint(run.dataset), **run.fingerprint()})
     try:
         template = run.initial_state()
         # Refuses another config's checkpoints, and stops on an unreadable disk, before we write anything.
         state = checkpointer.restore_latest(template)
         if is_main:
-            write_config(workdir, config)
+            write_config(workdir, config, run.method_settings)
         if state is None:
             state = template
             if is_main and os.path.exists(metrics_path):

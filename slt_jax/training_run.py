@@ -8,6 +8,7 @@ the initial state, the jitted step (``slt_jax.step``), IteRand's re-draws, and e
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -23,6 +24,7 @@ from slt_jax.models import create_model
 from slt_jax.run_config import ConfigError, check_model_fits, check_model_memory, model_spec, validate_config
 from slt_jax.step import TrainState, classification_loss, make_eval_fn, make_train_step
 from slt_jax.ticket import ZOO_INIT_KWARGS
+from slt_jax.weights_fingerprint import current_settings, weights_digest
 
 
 class Run:
@@ -61,6 +63,10 @@ class Run:
             except frozen_lib.FrozenWeightsError as e:
                 raise ConfigError(str(e)) from None
         params = frozen_lib.round_frozen(params, config.frozen_dtype)
+        # What the checkpoints record of these weights: a resume on others (another jax flag, a
+        # replaced params file, changed initialisers) is refused (slt_jax.checkpoint).
+        self.weights_record = {**weights_digest(jax.device_get(params)), "settings": current_settings(
+            config.frozen_dtype, self.frozen_sha256 if config.frozen_from else None)}
         self.storage = frozen_lib.frozen_storage(self.model, params, input_shape, config.seed, config.frozen_dtype,
                                                  config.regenerate_frozen, ZOO_INIT_KWARGS)
         self.frozen = sharding.replicate(self.storage.stored, self.mesh)  # the step's ``frozen`` input
@@ -75,6 +81,10 @@ class Run:
         self.method = create_method(config, num_steps=self.num_steps, warmup_steps=self.warmup_steps,
                                     param_shapes=frozen_shapes)
         self.optimizer = self.method.optimizer()
+        # The method as built, every default resolved: config.json and the checkpoints record it, so
+        # a default changed in the code between a run and its resumption is refused, not taken.
+        self.method_settings = {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)
+                                if f.compare}
         self.loss = classification_loss(config.label_smoothing, config.logit_scale)
         self.eval_fn = make_eval_fn(self.model.apply, {"train": False})
         # Three independent streams, none of them the weights' key: gate init, training noise
@@ -90,6 +100,16 @@ class Run:
                                                         config.frozen_dtype)
             self.redraw_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
             self._redraw = jax.jit(self.method.redraw)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint records beyond the config and the data: the frozen weights' digest and
+        the settings they were drawn under (``frozen_weights``), and the method with its defaults
+        resolved (``method``)."""
+        return {"frozen_weights": self.weights_record, "method": self.method_settings}
+
+    def current_weights(self) -> Any:
+        """The frozen weights the step computes with now (after IteRand's re-draws), on the host."""
+        return jax.device_get(self.frozen_params(self.frozen))
 
     def initial_state(self) -> TrainState:
         gates = self.method.init(self.init_key, self.shapes)

@@ -91,7 +91,8 @@ def test_the_ticket_regenerates_the_weights_the_run_computed_with(reference):
     run = Run(config, str(reference))
     # The run's final weights, replayed from its last checkpoint's generations.
     checkpointer = Checkpointer(str(reference / "checkpoints"), {**fingerprint(config),
-                                                                  "data": data_fingerprint(run.dataset)})
+                                                                  "data": data_fingerprint(run.dataset),
+                                                                  **run.fingerprint()})
     state = checkpointer.restore_latest(run.initial_state())
     checkpointer.close()
     generation = jax.device_get(state.method_state["generation"])

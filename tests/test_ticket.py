@@ -18,7 +18,7 @@ from slt_jax import load_ticket, masking, save_ticket
 from slt_jax.data import load_dataset
 from slt_jax.models import create_model
 from slt_jax.run_config import model_spec
-from slt_jax.ticket import ZOO_INIT_KWARGS
+from slt_jax.ticket import FORMAT_VERSION, ZOO_INIT_KWARGS
 from slt_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +52,7 @@ def test_save_load_round_trip(structured, tmp_path):
     save_ticket(path, _meta(structured), _random_masks(structured, seed=1))
     save_ticket(path, _meta(structured), masks)  # overwrites the first
     ticket = load_ticket(path)
-    assert ticket.meta["format_version"] == 2 and ticket.meta.items() >= _meta(structured).items()
+    assert ticket.meta["format_version"] == FORMAT_VERSION and ticket.meta.items() >= _meta(structured).items()
     is_none = lambda x: x is None  # noqa: E731
     assert jax.tree.structure(ticket.gate_masks, is_leaf=is_none) == jax.tree.structure(masks, is_leaf=is_none)
     loaded, masks = masking.named_leaves(ticket.gate_masks), masking.named_leaves(masks)

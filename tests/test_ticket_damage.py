@@ -17,7 +17,7 @@ import pytest
 from slt_jax import load_ticket, masking, save_ticket
 from slt_jax.mask_coding import golomb_decode, golomb_encode
 from slt_jax.models import create_model
-from slt_jax.ticket import ZOO_INIT_KWARGS, TicketError
+from slt_jax.ticket import FORMAT_VERSION, ZOO_INIT_KWARGS, TicketError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERIFY_TICKET = os.path.join(ROOT, "..", "shared", "tools", "verify_ticket.py")
@@ -91,7 +91,7 @@ def test_ticket_json_records_the_mask_and_the_counts_the_verifier_reads(structur
     meta = json.load(open(os.path.join(path, "ticket.json")))
     record = meta["mask_integrity"]
     masks = masking.named_leaves(_masks(structured))
-    assert meta["format_version"] == 2 and sorted(record["leaves"]) == sorted(masks)
+    assert meta["format_version"] == FORMAT_VERSION and sorted(record["leaves"]) == sorted(masks)
     for name, m in masks.items():
         assert record["leaves"][name]["shape"] == list(m.shape) and record["leaves"][name]["kept"] == int(m.sum())
         assert len(record["leaves"][name]["sha256"]) == 64

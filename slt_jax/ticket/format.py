@@ -23,11 +23,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any
 
+import jax
 import numpy as np
 
 from slt_jax import masking
+from slt_jax.frozen import init_variables, round_frozen
 from slt_jax.models import create_model
 from slt_jax.ticket.atomic_directory import replaced_atomically
 from slt_jax.ticket.coding import encode_masks
@@ -35,17 +38,21 @@ from slt_jax.ticket.errors import TicketError, one_line
 from slt_jax.ticket.integrity import (check_masks, check_redraws, check_state, integrity_record, redraws_sha256,
                                       state_sha256, with_counts)
 from slt_jax.ticket.predict import Ticket
-from slt_jax.ticket.regenerate import variable_shapes
+from slt_jax.ticket.regenerate import init_kwargs, kept_weights_digest, network_weights, variable_shapes
+from slt_jax.weights_fingerprint import current_settings, mismatch_cause
 
 # 2: ticket.json records ``mask_integrity`` (each gated leaf's shape, kept count and sha256, the
 # whole mask's sha256, the gated-weight count and sparsity), which load_ticket checks. Tickets of
 # format 1 (written before) still load, without those checks: they record nothing to check against.
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+# 3: ticket.json records ``weights_fingerprint`` (slt_jax.weights_fingerprint): the weights are
+# redrawn under the jax flags it records and checked against its digest. Tickets of format 1 and 2
+# still load, drawn under this process's flags, without that check: they record neither.
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 
 def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[str, Any] | None = None,
-                coding: str = "packbits", model: Any = None, generation: Any = None) -> None:
+                coding: str = "packbits", model: Any = None, generation: Any = None, frozen: Any = None) -> None:
     """Writes a ticket directory atomically: a crash mid-write leaves any previous ticket intact.
 
     ``masks``: the binary gate masks, shaped like the params (``method.binary_masks(gates)``).
@@ -56,6 +63,16 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
     weights are counted (without it only an unstructured mask's are). ``generation``: for a method
     that re-draws weights (IteRand), each gated weight's generation (ints shaped like ``masks``);
     the kept weights' are stored in ``redraws.npz`` and replayed by ``frozen_params()``.
+
+    ``frozen``: the params the gates were trained on (``init_variables(...)["params"]``,
+    ``variables["frozen"]`` of ``slt_jax.gated``). ticket.json records their ``weights_fingerprint``
+    (the sha256 of every weight the mask keeps, per leaf and whole, and the jax version, x64 and
+    threefry-partitionable flags, frozen dtype and params file they were drawn under), and
+    ``load_ticket`` refuses a model or seed that does not draw them. With the module at hand (a zoo
+    spec in ``meta``, or ``model``) the seed is checked here already: weights that ``meta["seed"]``
+    does not draw are refused with a one-line ``ValueError``. Without ``frozen`` (an older call),
+    the fingerprint is that of the weights the seed draws when the module is at hand, none
+    otherwise, and a warning says that the seed cannot be checked.
 
     ticket.json also records ``mask_integrity`` (each gated leaf's shape, kept gates and sha256, the
     whole mask's sha256, gates, gated weights and sparsity), and ``size.gated_weights`` and
@@ -72,19 +89,50 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
     arrays = encode_masks(masks, coding)
     record = integrity_record(named, meta, model)
     meta = with_counts(meta, record)
+    kept = None if generation is None else _kept_generations(named, generation)
+    fingerprint = weights_fingerprint(meta, named, model, frozen, kept)
+    if fingerprint is not None:
+        meta = {**meta, "weights_fingerprint": fingerprint}
     with replaced_atomically(path) as tmp:
         np.savez(os.path.join(tmp, "mask.npz"), **arrays)
         if model_state:
             flat = {k: np.asarray(v) for k, v in masking.named_leaves(model_state).items()}
             np.savez(os.path.join(tmp, "state.npz"), **flat)
             record["state_sha256"] = state_sha256(flat)
-        if generation is not None:
-            kept = _kept_generations(named, generation)
+        if kept is not None:
             np.savez_compressed(os.path.join(tmp, "redraws.npz"), **kept)
             record["redraws_sha256"] = redraws_sha256(kept)
         with open(os.path.join(tmp, "ticket.json"), "w") as f:
             json.dump({**meta, "format_version": FORMAT_VERSION, "mask_coding": coding, "mask_integrity": record},
                       f, indent=2, sort_keys=True)
+
+
+def weights_fingerprint(meta: dict[str, Any], named: dict[str, np.ndarray], model: Any, frozen: Any,
+                        generations: dict[str, np.ndarray] | None) -> dict[str, Any] | None:
+    """ticket.json's ``weights_fingerprint``: the digest of the weights the mask keeps
+    (``kept_weights_digest`` of ``frozen``, or of the weights the seed draws) and the settings they
+    were drawn under. Refuses ``frozen`` that the seed does not draw, when the module is at hand."""
+    source = meta.get("frozen_from") or {}
+    settings = current_settings(meta.get("frozen_dtype", "float32"), source.get("sha256"))
+    module = model if model is not None else create_model(meta["model"]) if "model" in meta else None
+    drawn = None
+    if module is not None:
+        params = init_variables(module, tuple(meta["input_shape"]), meta["seed"], init_kwargs(meta))["params"]
+        drawn = kept_weights_digest(network_weights(meta, module, params, None, generations), named)
+    if frozen is None:
+        warnings.warn(f"save_ticket: no frozen= (the params the gates were trained on): the ticket cannot check that "
+                      f"seed {meta['seed']} drew them" + ("" if drawn else ", nor that a model loading it draws them"),
+                      stacklevel=3)
+        return None if drawn is None else {**drawn, "settings": settings}
+    try:
+        given = kept_weights_digest(jax.device_get(round_frozen(frozen, settings["frozen_dtype"])), named)
+    except ValueError as e:
+        raise ValueError(f"save_ticket: frozen= does not fit the masks: {one_line(e)}") from None
+    if drawn is not None and drawn["sha256"] != given["sha256"]:
+        what = (f"seed {meta['seed']} draws other weights on this model than frozen=: record the seed the weights "
+                "were drawn from (slt_jax.weights_key(seed))")
+        raise ValueError(f"save_ticket: {mismatch_cause({**given, 'settings': settings}, drawn, settings, what)}")
+    return {**given, "settings": settings}
 
 
 def _kept_generations(named_masks: dict[str, np.ndarray], generation: Any) -> dict[str, np.ndarray]:
@@ -165,6 +213,11 @@ def _read_meta(path: str) -> dict[str, Any]:
                         for r in record["leaves"].values())):
             raise TicketError(f"{where}: format_version {version} needs mask_integrity with each gated leaf's "
                               "shape and sha256; it is missing or damaged")
+    fingerprint = meta.get("weights_fingerprint")
+    if fingerprint is not None and not (
+            isinstance(fingerprint, dict) and isinstance(fingerprint.get("sha256"), str)
+            and isinstance(fingerprint.get("leaves"), dict) and isinstance(fingerprint.get("settings"), dict)):
+        raise TicketError(f"{where}: weights_fingerprint needs sha256, leaves and settings; it is damaged")
     return meta
 
 
@@ -178,8 +231,17 @@ def load_ticket(path: str, model: Any = None, frozen_from: str | None = None) ->
     A damaged ticket is refused with a one-line ``TicketError`` (a ``ValueError``) naming the file
     and leaf: bad JSON, missing or unreadable ``mask.npz``, missing keys, codes or shapes that do
     not fit the model (checked before anything is allocated), a ``state.npz`` that does not fit,
-    and, for tickets of format 2, a mask whose sha256, leaves or weight counts differ from
+    and, for tickets of format 2 on, a mask whose sha256, leaves or weight counts differ from
     ``mask_integrity``. Tickets of format 1 load without the sha256 checks.
+
+    A ticket that records ``weights_fingerprint`` (format 3, ``save_ticket``) has its weights drawn
+    here, under the jax flags it records (``jax_enable_x64``, ``jax_threefry_partitionable``)
+    whatever this process set, so it is the same network in any process; weights whose digest is
+    not the recorded one are refused with a one-line ``TicketError`` naming the first differing leaf
+    and the likely cause (another jax version, a seed or model that draws others); a replaced
+    params file is refused by its sha256. A ticket without one (formats 1 and 2, or saved without
+    ``frozen`` and without its module) loads without that check, its weights drawn under this
+    process's flags.
     """
     meta = _read_meta(path)
     if model is None:
@@ -207,4 +269,7 @@ def load_ticket(path: str, model: Any = None, frozen_from: str | None = None) ->
     if os.path.lexists(redraws_path) or (meta.get("mask_integrity") or {}).get("redraws_sha256"):
         generations = _read_npz(redraws_path, redraws_path)
         check_redraws(path, generations, masks, meta)
-    return Ticket(meta, masks, state, model, frozen_from, generations)
+    ticket = Ticket(meta, masks, state, model, frozen_from, generations, path=path)
+    if "weights_fingerprint" in meta:
+        ticket.frozen_params()  # drawn now, so that weights other than the recorded ones are refused here
+    return ticket
