@@ -44,5 +44,5 @@ def test_run_py_biprop_ticket_is_accepted_by_the_verifier(tmp_path):
     assert ticket.meta["weights"] == "binarized"
     for name, w in masking.named_leaves(ticket.frozen_params()).items():
         assert np.unique(np.abs(w)).size == 1, name  # one magnitude per gated leaf: signs times a gain
-    verified = verify_on_digits_test_split(tmp_path / "ticket", tmp_path)
+    verified = verify_on_digits_test_split(tmp_path / "ticket")
     assert verified["accuracy"] == pytest.approx(summary["test_accuracy"])

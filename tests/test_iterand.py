@@ -141,6 +141,6 @@ def test_run_py_iterand_ticket_is_accepted_by_the_verifier(tmp_path):
     assert summary["sparsity"] >= 0.79 and summary["test_accuracy"] >= 0.9, summary
     generations = np.load(tmp_path / "ticket" / "redraws.npz")
     assert any(generations[k].any() for k in generations.files)  # some kept weight is a re-drawn one
-    verified = verify_on_digits_test_split(tmp_path / "ticket", tmp_path)
+    verified = verify_on_digits_test_split(tmp_path / "ticket")
     assert verified["accuracy"] == pytest.approx(summary["test_accuracy"])
     assert verified["sparsity"] == pytest.approx(summary["sparsity"])
