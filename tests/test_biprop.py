@@ -37,6 +37,7 @@ def test_masked_params_drop_the_pruned_weights_and_scores_get_gradient_through_a
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
+@pytest.mark.slow  # the default run through run.py: minutes on 2 cores
 def test_run_py_biprop_ticket_is_accepted_by_the_verifier(tmp_path):
     summary = run_default_cli(tmp_path, "--config.method=biprop", "--config.sparsity=0.8")
     assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3) and summary["test_accuracy"] >= 0.9, summary

@@ -86,6 +86,7 @@ def reference(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # on a 60-step IteRand run with two re-draws, like the two tests after it
 def test_the_ticket_regenerates_the_weights_the_run_computed_with(reference):
     config = _config()
     run = Run(config, str(reference))
@@ -105,6 +106,7 @@ def test_the_ticket_regenerates_the_weights_the_run_computed_with(reference):
                                       np.asarray(weights[name])[kept].view(np.uint32), err_msg=name)
 
 
+@pytest.mark.slow
 def test_resuming_after_a_redraw_gives_the_same_ticket(reference, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(reference, resumed)
@@ -121,6 +123,7 @@ def test_settings_it_cannot_replay_are_refused(key, value):
         validate_config(_config(**{key: value}))
 
 
+@pytest.mark.slow
 def test_a_changed_or_missing_redraws_file_is_refused(reference, tmp_path):
     ticket = tmp_path / "ticket"
     shutil.copytree(reference / "ticket", ticket)
@@ -136,6 +139,7 @@ def test_a_changed_or_missing_redraws_file_is_refused(reference, tmp_path):
         load_ticket(str(ticket))
 
 
+@pytest.mark.slow  # the default run through run.py: minutes on 2 cores
 def test_run_py_iterand_ticket_is_accepted_by_the_verifier(tmp_path):
     summary = run_default_cli(tmp_path, "--config.method=iterand", "--config.sparsity=0.8")
     assert summary["sparsity"] >= 0.79 and summary["test_accuracy"] >= 0.9, summary
