@@ -110,7 +110,7 @@ def _named(tree: Any) -> dict[str, Any]:
     return {"/".join(str(k.key) for k in path): None if v is None else np.asarray(v) for path, v in flat}
 
 
-def _initial_weights(ticket_dir: str, meta: dict[str, Any], generation: int) -> dict[str, np.ndarray]:
+def _initial_weights(meta: dict[str, Any], generation: int) -> dict[str, np.ndarray]:
     """The seed's weights of ``generation`` (0: the network itself; j: IteRand's j-th re-draw), or
     the recorded params file's, rounded to the run's frozen_dtype: the library's documented
     regeneration, called directly rather than through the ticket."""
@@ -133,13 +133,13 @@ def _check_frozen(ticket_dir: str, meta: dict[str, Any], frozen: dict[str, np.nd
                   mask: dict[str, np.ndarray | None]) -> None:
     """``frozen_params()`` are the regenerated weights: re-drawn where redraws.npz says, binarised
     where ticket.json says."""
-    expected = _initial_weights(ticket_dir, meta, 0)
+    expected = _initial_weights(meta, 0)
     redraws = os.path.join(ticket_dir, "redraws.npz")
     if os.path.exists(redraws):
         with np.load(redraws) as f:
             generations = {k: f[k] for k in f.files}
         for g in sorted({int(v) for a in generations.values() for v in np.unique(a)} - {0}):
-            draw = _initial_weights(ticket_dir, meta, g)
+            draw = _initial_weights(meta, g)
             for leaf, gen in generations.items():
                 where = np.broadcast_to(gen, expected[leaf].shape) == g
                 expected[leaf] = np.where(where, draw[leaf], expected[leaf])
