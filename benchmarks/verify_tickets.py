@@ -1,11 +1,13 @@
 """Independent check of tickets on the validation split they were tuned on.
 
     python benchmarks/verify_tickets.py --config configs/mnist_lenet300_crbg.py \
-        --config.dataset=npz:../shared/data/mnist_train.npz runs/mnist_lenet300_crbg/ticket [TICKET ...]
+        --config.dataset=npz:PATH/mnist_train.npz runs/mnist_lenet300_crbg/ticket [TICKET ...]
 
 Writes the config's validation split (raw images, as the dataset stores them) to an npz and runs
-../shared/tools/verify_ticket.py on every ticket: that tool recomputes accuracy from
-``Ticket.predict`` and sparsity from the mask, and checks the ticket is a true SLT.
+tests/independent_verifier.py on every ticket: it checks the ticket is a true SLT (every weight
+its regenerated initial value or exactly 0, the mask binary and as recorded) and recomputes
+sparsity from the mask and accuracy with its own numpy forward pass (MLPs and ConvNets; it
+refuses other models in one line).
 """
 import os
 import subprocess
@@ -18,7 +20,7 @@ from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-VERIFIER = os.path.join(ROOT, "..", "shared", "tools", "verify_ticket.py")
+VERIFIER = os.path.join(ROOT, "tests", "independent_verifier.py")
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs/default.py"), "run config")
 
 

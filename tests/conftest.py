@@ -45,24 +45,14 @@ def run_default_cli(tmp_path, *args: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def verify_on_digits_test_split(ticket_dir, tmp_path) -> dict:
-    """The independent ../shared/tools/verify_ticket.py on the held-out digits the default config's
-    runs report as their test split; returns its JSON line."""
-    import json
-    import subprocess
-    import sys
-
-    import numpy as np
-
+def verify_on_digits_test_split(ticket_dir) -> dict:
+    """tests/independent_verifier.py (the ticket contract, and accuracy from its own numpy forward
+    pass) on the held-out digits the default config's runs report as their test split."""
+    from independent_verifier import verify
     from slt_jax.data import load_dataset
 
     data = load_dataset(default.get_config())
-    np.savez(tmp_path / "test.npz", x_test=data.x_test, y_test=data.y_test)
-    v = subprocess.run([sys.executable, os.path.join(ROOT, "..", "shared", "tools", "verify_ticket.py"),
-                        str(ticket_dir), str(tmp_path / "test.npz")], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert v.returncode == 0, v.stderr[-2000:]
-    return json.loads(v.stdout.strip().splitlines()[-1])
+    return verify(str(ticket_dir), data.x_test, data.y_test)
 
 
 def checkpoint_steps(workdir) -> list[int]:

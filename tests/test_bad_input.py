@@ -1,11 +1,13 @@
 """Bad input through the real CLI: one clear stderr line, a non-zero exit, nothing good overwritten.
 
 Every case reruns ``run.py`` with one bad option against the workdir of a finished good run and
-must fail before training. The cases run concurrently (each is one short subprocess). The tests
-at the end call the real loader in-process for what a subprocess cannot show (memory, keys).
+must fail before training. Each case is a process of its own, forked from one that has imported
+run.py's dependencies (tests/forked_run_py.py). The tests at the end call the real loader
+in-process for what a subprocess cannot show (memory, keys).
 """
-import concurrent.futures
 import io
+import json
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -191,23 +193,22 @@ def good_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(good_run, tmp_path_factory):
-    """id -> (exit code, stderr) for every case, run 4 at a time."""
+    """id -> (exit code, stderr) for every case: each a run.py process of its own, forked from one that
+    imported run.py's dependencies once (tests/forked_run_py.py), so a case costs its own work only."""
     workdir, _ = good_run
     d = tmp_path_factory.mktemp("bad")
     _write_bad_npz_files(d)
     _write_bad_params_files(d)
-
-    def call(args):
+    commands = []
+    for args, _ in CASES.values():
         args = [a.format(d=d) for a in args]  # first: --config FILE must precede every --config.KEY
         if "--workdir" not in args:
             args += ["--workdir", str(workdir)]
-        p = subprocess.run([sys.executable, "run.py", *args, "--config.progress=False"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-        return p.returncode, p.stderr
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = {name: pool.submit(call, args) for name, (args, _) in CASES.items()}
-        return {name: f.result() for name, f in futures.items()}
+        commands.append([*args, "--config.progress=False"])
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "forked_run_py.py")], input=json.dumps(commands),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {name: tuple(result) for name, result in zip(CASES, json.loads(p.stdout))}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -37,6 +37,7 @@ def test_masked_params_drop_the_pruned_weights_and_scores_get_gradient_through_a
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
+@pytest.mark.slow  # the default run through run.py: minutes on 2 cores
 def test_run_py_biprop_ticket_is_accepted_by_the_verifier(tmp_path):
     summary = run_default_cli(tmp_path, "--config.method=biprop", "--config.sparsity=0.8")
     assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3) and summary["test_accuracy"] >= 0.9, summary
@@ -44,5 +45,5 @@ def test_run_py_biprop_ticket_is_accepted_by_the_verifier(tmp_path):
     assert ticket.meta["weights"] == "binarized"
     for name, w in masking.named_leaves(ticket.frozen_params()).items():
         assert np.unique(np.abs(w)).size == 1, name  # one magnitude per gated leaf: signs times a gain
-    verified = verify_on_digits_test_split(tmp_path / "ticket", tmp_path)
+    verified = verify_on_digits_test_split(tmp_path / "ticket")
     assert verified["accuracy"] == pytest.approx(summary["test_accuracy"])

@@ -1,6 +1,9 @@
 """Checkpoints and faults, for real: ``run.py`` subprocesses killed, preempted, fed corrupt or foreign
 checkpoints, and driven to divergence. Every interrupted run must end with the ticket (mask bits) of
 one uninterrupted reference run, and the same metrics.
+
+The tests on the 160-step reference run (a run.py process of its own, then reruns of it) are marked
+slow: CI runs them (.ci/run), a plain ``pytest`` does not. Divergence needs no reference and stays.
 """
 import json
 import random
@@ -48,6 +51,7 @@ def reference(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # run.py processes, killed and rerun, against a 160-step reference
 def test_sigkill_at_random_moments_then_rerun_gives_identical_ticket(reference, tmp_path):
     rng = random.Random()
     workdir, last = tmp_path / "run", 0
@@ -66,6 +70,7 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_ticket(reference, 
     assert_same_ticket(workdir, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_rerun_resumes(reference, tmp_path):
     workdir = tmp_path / "run"
     proc = start(workdir)
@@ -93,6 +98,7 @@ def _delete_metadata(step_dir) -> None:
     (step_dir / "state" / "manifest.ocdbt").unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt", [_truncate_data, _delete_metadata], ids=["truncated_data", "deleted_metadata"])
 def test_corrupt_newest_checkpoint_is_moved_aside_with_a_warning(reference, tmp_path, corrupt):
     workdir = tmp_path / "run"
@@ -114,6 +120,7 @@ def test_corrupt_newest_checkpoint_is_moved_aside_with_a_warning(reference, tmp_
     assert_same_ticket(workdir, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [["--config.model=lenet300"], ["--config.sparsity=0.5"]], ids=["model", "config"])
 def test_foreign_checkpoint_is_refused_and_nothing_overwritten(reference, change):
     before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
@@ -138,6 +145,7 @@ def test_divergence_stops_with_exit_3_and_saves_no_poisoned_checkpoint(tmp_path)
     assert all(np.isfinite(r["loss"]) for r in run_metrics(tmp_path)) if (tmp_path / "metrics.jsonl").exists() else True
 
 
+@pytest.mark.slow  # reads the reference run's checkpoint
 def test_checkpoint_holds_training_state_but_not_frozen_weights(reference):
     step_dir = reference / "checkpoints" / str(NUM_STEPS)
     state = ocp.StandardCheckpointer().restore(step_dir / "state")

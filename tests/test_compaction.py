@@ -20,7 +20,7 @@ from slt_jax.train import train_and_evaluate
     # pixel gates, hidden units of the first layer gated as rows of the second, the second's units
     ("digits_mlp", True, r"^Dense_1/", r"^Dense_0/"),
     ("digits_mlp", False, "", r"^Dense_[01]/"),
-    ("conv2", False, "", ""),
+    pytest.param("conv2", False, "", "", marks=pytest.mark.slow),  # a Conv2 trained: a minute on 2 busy cores
 ])
 def test_compact_model_matches_masked_model(tiny_config, tmp_path, model, use_bias, structured_policy,
                                             structured_inputs):
@@ -150,6 +150,7 @@ def _batch_stats(model, params, stats, masks_per_batch, x):
     return jax.tree.map(np.asarray, stats)
 
 
+@pytest.mark.slow  # two ResNet-18 compiles
 @pytest.mark.parametrize("name, shape", [("resnet18", (16, 16, 3)), ("resnet18_imagenet", (32, 32, 3))])
 def test_resnet18_channel_ticket_compiles(name, shape):
     """Statistics from batches under an earlier mask, then the ticket's: a channel closed in both
@@ -219,6 +220,7 @@ def test_resnet_residual_channel_goes_only_where_it_is_zero():
     _assert_same_logits(_masked_logits(model, ticket, x), module, variables, x)
 
 
+@pytest.mark.slow  # two ViT compiles
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_vit_head_and_mlp_ticket_compiles(use_bias):
     """Half the head gates closed: a head whose value or output projection is closed is deleted

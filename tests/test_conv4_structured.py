@@ -42,6 +42,7 @@ def test_config_gates_channels_units_and_classifier_weights():
     assert structured.logit_scale(0.5) < structured.logit_scale(0.7) < zoo.logit_scale
 
 
+@pytest.mark.slow  # a Conv4 trained, then compiled narrower: over a minute on 2 busy cores
 def test_tiny_run_compiles_to_a_narrower_conv4(tmp_path):
     """Two steps of the recipe on synthetic 28x28x1 images at 1/4 width: the ticket closes channels
     (CRBG's gates start around the keep threshold), compiles with the masked model's logits, and

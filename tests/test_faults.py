@@ -4,6 +4,9 @@ files, through the real ``run.py`` or the real ``train_and_evaluate``.
 
 The ``run.py`` scenarios run concurrently in one module fixture (each is a short subprocess); every
 interrupted run must end, after a rerun, with the ticket and metrics of one uninterrupted reference run.
+They are marked slow (CI runs them, .ci/run; a plain ``pytest`` does not). The broken config files
+fail before any training: those runs are forked from one process that imported run.py's
+dependencies once (tests/forked_run_py.py) and stay in the default suite.
 """
 import concurrent.futures
 import errno
@@ -102,12 +105,6 @@ CONFIG_FILES = {  # name -> (file content, strings the error line must contain b
                    "    c.batch_size = 'sixty-four'\n    return c\n",
                    ["'batch_size'", "sixty-four", "cannot be casted to type <class 'int'>"]),
 }
-
-
-def _config_file_case(d, name):
-    path = d / f"{name}.py"
-    path.write_text(CONFIG_FILES[name][0])
-    return _finish(_command(d / "unused", before=["--config", str(path)]))
 
 
 def _wait_for_record(proc, workdir) -> None:
@@ -233,20 +230,19 @@ def reference(cli):
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
     """Every run.py scenario's outcome. The runs share a persistent compilation cache, filled by the
-    reference run (alongside the config-file cases, which compile nothing) before the others start."""
+    reference run before the others start."""
     d = tmp_path_factory.mktemp("cli")
     ENV.update(JAX_COMPILATION_CACHE_DIR=str(d / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     results = {}
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         reference = pool.submit(_finish, _command(d / "reference"))
-        config_files = {f"config:{name}": pool.submit(_config_file_case, d, name) for name in CONFIG_FILES}
         code, _, err = reference.result()
         assert code == 0, err
         results["reference"] = d / "reference"
         jobs = {"busy": (_busy_workdir_sigint_then_sigterm_in_final_phase, d), "startup": (_sigterm_at_startup, d),
                 "fsize": (_file_size_limit, d, results["reference"]), "data": (_other_data, d)}
         jobs.update({f"metrics:{name}": (_damaged_metrics, d, results["reference"], name) for name in METRICS_DAMAGE})
-        futures = {**config_files, **{name: pool.submit(*job) for name, job in jobs.items()}}
+        futures = {name: pool.submit(*job) for name, job in jobs.items()}
         results.update({name: f.exception() or f.result() for name, f in futures.items()})
     return results
 
@@ -263,9 +259,23 @@ def _outcome(cli, name, *keys):
     return result
 
 
+@pytest.fixture(scope="module")
+def config_file_runs(tmp_path_factory):
+    """name -> (exit code, stderr) of run.py with each broken config file."""
+    d = tmp_path_factory.mktemp("config-files")
+    commands = []
+    for name, (content, _) in CONFIG_FILES.items():
+        (d / f"{name}.py").write_text(content)
+        commands.append(["--config", str(d / f"{name}.py"), "--workdir", str(d / "unused"), *ARGS])
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "forked_run_py.py")], input=json.dumps(commands),
+                       cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {name: tuple(result) for name, result in zip(CONFIG_FILES, json.loads(p.stdout))}
+
+
 @pytest.mark.parametrize("name", list(CONFIG_FILES))
-def test_broken_config_file_gives_one_line_naming_it_and_the_error(cli, name):
-    code, _, stderr = _outcome(cli, f"config:{name}")
+def test_broken_config_file_gives_one_line_naming_it_and_the_error(config_file_runs, name):
+    code, stderr = config_file_runs[name]
     line = _one_line(stderr, "error: config file ")
     assert code == 2, stderr
     assert f"{name}.py" in line and "allowed" in line, line
@@ -273,6 +283,7 @@ def test_broken_config_file_gives_one_line_naming_it_and_the_error(cli, name):
         assert text in line, f"{text!r} not in {line!r}"
 
 
+@pytest.mark.slow
 def test_second_run_in_a_busy_workdir_is_refused_and_changes_nothing(cli):
     busy = cli["busy"]
     code, _, stderr = _outcome(cli, "busy", "b")
@@ -284,6 +295,7 @@ def test_second_run_in_a_busy_workdir_is_refused_and_changes_nothing(cli):
     assert steps == sorted(set(steps)), steps  # no step logged twice
 
 
+@pytest.mark.slow
 def test_sigint_checkpoints_and_exits_130_with_one_line(cli):
     code, out, err = _outcome(cli, "busy", "a")
     assert code == 130, err
@@ -293,6 +305,7 @@ def test_sigint_checkpoints_and_exits_130_with_one_line(cli):
     assert 10 <= cli["busy"]["interrupted_at"] < NUM_STEPS and not out.strip()
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_final_phase_exits_cleanly_and_a_rerun_finishes(cli, reference):
     code, out, err = _outcome(cli, "busy", "final_phase")
     assert code == 0, err
@@ -305,6 +318,7 @@ def test_sigterm_in_the_final_phase_exits_cleanly_and_a_rerun_finishes(cli, refe
     assert_same_ticket(cli["busy"]["workdir"], reference)
 
 
+@pytest.mark.slow
 def test_sigterm_during_startup_exits_cleanly_with_one_line(cli):
     code, out, err, workdir = _outcome(cli, "startup")
     assert code == 0, err
@@ -313,6 +327,7 @@ def test_sigterm_during_startup_exits_cleanly_with_one_line(cli):
     assert not out.strip() and not checkpoint_steps(workdir) and not (workdir / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_file_size_limit_gives_one_line_naming_the_path_and_what_was_kept(cli, reference):
     fsize = _outcome(cli, "fsize")
     code, _, err = fsize["limited"]
@@ -326,6 +341,7 @@ def test_file_size_limit_gives_one_line_naming_the_path_and_what_was_kept(cli, r
     assert_same_ticket(fsize["workdir"], reference)
 
 
+@pytest.mark.slow
 def test_other_data_under_the_same_workdir_is_refused_and_nothing_written(cli):
     data = _outcome(cli, "data")
     assert data["first"][0] == 0, data["first"][2]
@@ -336,6 +352,7 @@ def test_other_data_under_the_same_workdir_is_refused_and_nothing_written(cli):
     assert data["unchanged"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METRICS_DAMAGE))
 def test_damaged_metrics_are_repaired_with_a_warning(cli, reference, name):
     """Resumed at step 20: intact records up to 20 are kept, 30 and 40 are logged again; what is lost is said."""
@@ -350,10 +367,18 @@ def test_damaged_metrics_are_repaired_with_a_warning(cli, reference, name):
 
 # ---- in-process: resume faults ---------------------------------------------------------------------------
 
-def test_io_error_while_resuming_stops_and_touches_nothing(reference, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run of ``_config()`` with its checkpoints, in-process."""
+    workdir = tmp_path_factory.mktemp("finished")
+    train_and_evaluate(_config(), str(workdir))
+    return workdir
+
+
+def test_io_error_while_resuming_stops_and_touches_nothing(finished_run, tmp_path, monkeypatch):
     """A transient read error is not corruption: no checkpoint may be set aside or deleted for it."""
     workdir = tmp_path / "run"
-    shutil.copytree(reference, workdir)
+    shutil.copytree(finished_run, workdir)
     before = _files(workdir)
     restore = ocp.CheckpointManager.restore
 

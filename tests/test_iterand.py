@@ -86,6 +86,7 @@ def reference(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # on a 60-step IteRand run with two re-draws, like the two tests after it
 def test_the_ticket_regenerates_the_weights_the_run_computed_with(reference):
     config = _config()
     run = Run(config, str(reference))
@@ -106,6 +107,7 @@ def test_the_ticket_regenerates_the_weights_the_run_computed_with(reference):
                                       np.asarray(weights[name])[kept].view(np.uint32), err_msg=name)
 
 
+@pytest.mark.slow
 def test_resuming_after_a_redraw_gives_the_same_ticket(reference, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(reference, resumed)
@@ -122,6 +124,7 @@ def test_settings_it_cannot_replay_are_refused(key, value):
         validate_config(_config(**{key: value}))
 
 
+@pytest.mark.slow
 def test_a_changed_or_missing_redraws_file_is_refused(reference, tmp_path):
     ticket = tmp_path / "ticket"
     shutil.copytree(reference / "ticket", ticket)
@@ -137,11 +140,12 @@ def test_a_changed_or_missing_redraws_file_is_refused(reference, tmp_path):
         load_ticket(str(ticket))
 
 
+@pytest.mark.slow  # the default run through run.py: minutes on 2 cores
 def test_run_py_iterand_ticket_is_accepted_by_the_verifier(tmp_path):
     summary = run_default_cli(tmp_path, "--config.method=iterand", "--config.sparsity=0.8")
     assert summary["sparsity"] >= 0.79 and summary["test_accuracy"] >= 0.9, summary
     generations = np.load(tmp_path / "ticket" / "redraws.npz")
     assert any(generations[k].any() for k in generations.files)  # some kept weight is a re-drawn one
-    verified = verify_on_digits_test_split(tmp_path / "ticket", tmp_path)
+    verified = verify_on_digits_test_split(tmp_path / "ticket")
     assert verified["accuracy"] == pytest.approx(summary["test_accuracy"])
     assert verified["sparsity"] == pytest.approx(summary["sparsity"])

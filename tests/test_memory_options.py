@@ -53,6 +53,7 @@ def _flat(tree):
     return {k: np.asarray(v) for k, v in masking.named_leaves(tree).items() if v is not None}
 
 
+@pytest.mark.slow  # on the module's runs, one per storage option, like the two other tests of `runs`
 def test_regenerated_frozen_gives_the_stored_paths_ticket(runs):
     (stored, stored_dir), (regen, regen_dir) = runs["bfloat16", False], runs["bfloat16", True]
     a, b = (_flat(load_ticket(d).gate_masks) for d in (stored_dir, regen_dir))
@@ -109,6 +110,7 @@ def test_bfloat16_storage_halves_the_frozen_bytes(tiny_config):
     assert nbytes(Run(_config(tiny_config, "float32", True), "").frozen) < 64  # only the seed's key
 
 
+@pytest.mark.slow
 def test_bfloat16_ticket_loads_the_weights_it_was_trained_on(runs, tiny_config):
     _, ticket_dir = runs["bfloat16", False]
     ticket = load_ticket(ticket_dir)
@@ -126,6 +128,7 @@ def test_bfloat16_ticket_loads_the_weights_it_was_trained_on(runs, tiny_config):
         np.testing.assert_array_equal(w, frozen[name])
 
 
+@pytest.mark.slow
 def test_float32_ticket_is_unrounded(runs):
     ticket = load_ticket(runs["float32", False][1])
     assert ticket.meta["frozen_dtype"] == "float32"

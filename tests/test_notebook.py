@@ -2,6 +2,7 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "gate_dynamics.ipynb")
@@ -17,6 +18,7 @@ def _kernel_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # a Jupyter kernel runs the whole notebook
 def test_notebook_executes():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(nb, kernel_name="python3", timeout=300,

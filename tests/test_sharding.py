@@ -70,6 +70,7 @@ def runs_by_device_count(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a step compiled on 2 and on 8 devices
 @pytest.mark.parametrize("n", [2, 8])
 def test_device_count_changes_one_step_only_by_summation_order(tiny_config, tmp_path, n):
     """From the same state and batch, one step on n devices draws bit-identical gate noise and
@@ -95,6 +96,7 @@ def test_device_count_changes_one_step_only_by_summation_order(tiny_config, tmp_
     assert np.mean(diff > 1e-3) <= 1e-3, np.max(diff)
 
 
+@pytest.mark.slow  # three 60-step runs, on 1, 2 and 8 devices
 @pytest.mark.parametrize("n", [2, 8])
 def test_device_count_gives_an_equally_good_ticket(runs_by_device_count, n):
     ref_records, ref_masks = runs_by_device_count[1]
@@ -138,6 +140,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two jax.distributed processes and a reference run
 def test_two_processes_find_the_ticket_of_one(tmp_path):
     """2 processes x 2 CPU devices under jax.distributed (each feeding its half of every batch,
     orbax saving collectively, process 0 writing files) against 1 process x 4 devices."""

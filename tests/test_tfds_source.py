@@ -80,6 +80,7 @@ def _tfds_config(c, data_dir):
     return c
 
 
+@pytest.mark.slow  # a Conv2 trained on CIFAR-shaped images through the tfds pipeline
 def test_real_loop_on_mock_cifar_writes_a_ticket(mock_cifar, tiny_config, tmp_path):
     c = _tfds_config(tiny_config, mock_cifar)
     c.model, c.width = "conv2", 0.125

@@ -22,7 +22,7 @@ from slt_jax.ticket import FORMAT_VERSION, ZOO_INIT_KWARGS
 from slt_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VERIFY_TICKET = os.path.join(ROOT, "..", "shared", "tools", "verify_ticket.py")
+VERIFY_TICKET = os.path.join(ROOT, "tests", "independent_verifier.py")
 SPEC = {"name": "digits_mlp", "num_classes": 10, "weight_init": "signed_kaiming", "init_scale": None,
         "use_bias": True, "width": 0.1}
 PREPROCESSING = {"scale": 1.0 / 16, "mean": [0.3], "std": [0.4]}
@@ -109,7 +109,6 @@ def test_predict_on_raw_images_reproduces_the_harness_accuracy(trained):
     assert ticket.meta["metrics"]["sparsity"] == summary["sparsity"]
 
 
-@pytest.mark.skipif(not os.path.exists(VERIFY_TICKET), reason="the shared verifier is not on this machine")
 def test_independent_verifier_agrees_with_the_summary(trained, tmp_path):
     summary, path, dataset = trained
     data = str(tmp_path / "val.npz")

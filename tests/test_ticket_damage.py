@@ -20,7 +20,7 @@ from slt_jax.models import create_model
 from slt_jax.ticket import FORMAT_VERSION, ZOO_INIT_KWARGS, TicketError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VERIFY_TICKET = os.path.join(ROOT, "..", "shared", "tools", "verify_ticket.py")
+VERIFY_TICKET = os.path.join(ROOT, "tests", "independent_verifier.py")
 SPEC = {"name": "digits_mlp", "num_classes": 10, "weight_init": "signed_kaiming", "init_scale": None,
         "use_bias": True, "width": 0.1}
 META = {"model": SPEC, "input_shape": [8, 8, 1], "seed": 3, "preprocessing": {"scale": 1.0 / 16, "mean": [0.3],
@@ -47,7 +47,7 @@ def _save(tmp_path, structured=False, coding="packbits", name="ticket"):
 
 
 def _verifier_counts(ticket):
-    """Gated weights and sparsity exactly as ../shared/tools/verify_ticket.py computes them."""
+    """Gated weights and sparsity exactly as tests/independent_verifier.py computes them."""
     flat = lambda tree: dict(jax.tree_util.tree_flatten_with_path(tree)[0])  # noqa: E731
     frozen = flat(ticket.frozen_params())
     kept = total = 0
@@ -175,7 +175,6 @@ def test_a_damaged_golomb_mask_is_refused(tmp_path):
     _refused(path, "mask.npz", repr(LEAF), "sha256")
 
 
-@pytest.mark.skipif(not os.path.exists(VERIFY_TICKET), reason="the shared verifier is not on this machine")
 def test_the_verifier_fails_on_a_damaged_ticket_that_keeps_its_counts(tmp_path):
     path = _save(tmp_path)
     _edit_npz(os.path.join(path, "mask.npz"), _swap)

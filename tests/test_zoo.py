@@ -31,6 +31,9 @@ CONFIGS = ["cifar10_conv4_edgepopup", "cifar10_conv6_crbg", "cifar10_resnet18_cr
 # (model, tiny input shape, width): every block type and stem, at sizes a CPU trains in seconds.
 TINY = [("resnet18", (16, 16, 3), 0.125), ("resnet50", (16, 16, 3), 0.0625), ("wrn50_2_imagenet", (32, 32, 3), 0.0625),
         ("vit_tiny", (16, 16, 3), 0.25), ("swin_t", (16, 16, 3), 0.25)]
+# The deepest of them (50 layers, Swin's windows) take most of a minute to compile: marked slow; ResNet-18
+# and the ViT keep a residual network and a transformer in the default suite.
+SLOW_TO_COMPILE = ("resnet50", "wrn50_2_imagenet", "swin_t")
 
 
 def _shrink(c, shape=None, width=0.0625):
@@ -84,6 +87,7 @@ def test_full_size_models_have_the_published_weight_counts(model, shape, kernels
     assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == kernels
 
 
+@pytest.mark.slow  # a Conv4 compiled and trained through the CLI
 def test_one_config_runs_end_to_end_through_the_cli(tmp_path, capsys):
     c = _config("cifar10_conv4_edgepopup", shape=(32, 32, 3))
     assert cli.run(c, str(tmp_path)) == 0
@@ -107,6 +111,7 @@ def test_configs_follow_the_reference_recipes():
 
 # One architecture through the harness's Run: its eager per-leaf init dominates test time (minutes
 # for the deep ones on 2 busy cores). ResNet-18 trains end to end in the ticket round-trip test.
+@pytest.mark.slow  # a ViT's train step compiled: minutes on 2 busy cores
 @pytest.mark.parametrize("model,shape,width", [t for t in TINY if t[0] == "vit_tiny"])
 def test_model_trains_evaluates_and_keeps_frozen_weights(model, shape, width, tiny_config, tmp_path):
     c = tiny_config
@@ -143,7 +148,8 @@ def _init(spec, shape, seed=0):
     return net, jax.jit(lambda key: net.init(key, jnp.zeros((1, *shape)), train=False))(jax.random.PRNGKey(seed))
 
 
-@pytest.mark.parametrize("model,shape,width", TINY)
+@pytest.mark.parametrize("model,shape,width", [
+    pytest.param(*t, marks=pytest.mark.slow) if t[0] in SLOW_TO_COMPILE else t for t in TINY])
 def test_every_gate_open_is_the_plain_model(model, shape, width):
     net, variables = _init({"name": model, "num_classes": 10, "width": width}, shape, seed=3)
     params = variables.pop("params")
@@ -198,6 +204,7 @@ def test_closing_a_value_head_zeroes_exactly_that_head_and_its_bias():
     assert report["block_0/attention/out/kernel"] == pytest.approx(1 / 3)
 
 
+@pytest.mark.slow  # a ResNet-18 trained, resumed and recalibrated: minutes on 2 cores
 def test_batchnorm_ticket_round_trips_and_predicts_as_evaluated(tiny_config, tmp_path):
     c = tiny_config
     with c.unlocked():
