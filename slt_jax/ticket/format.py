@@ -31,11 +31,13 @@ from slt_jax import masking
 from slt_jax.models import create_model
 from slt_jax.ticket.atomic_directory import replaced_atomically
 from slt_jax.ticket.coding import encode_masks
+from slt_jax.ticket.destination import check_destination
 from slt_jax.ticket.errors import TicketError, one_line
 from slt_jax.ticket.integrity import (check_masks, check_redraws, check_state, integrity_record, redraws_sha256,
                                       state_sha256, with_counts)
 from slt_jax.ticket.predict import Ticket
 from slt_jax.ticket.regenerate import variable_shapes
+from slt_jax.ticket.save_checks import binary_leaves, check_finite_gates, with_method
 
 # 2: ticket.json records ``mask_integrity`` (each gated leaf's shape, kept count and sha256, the
 # whole mask's sha256, the gated-weight count and sparsity), which load_ticket checks. Tickets of
@@ -45,7 +47,8 @@ READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[str, Any] | None = None,
-                coding: str = "packbits", model: Any = None, generation: Any = None) -> None:
+                coding: str = "packbits", model: Any = None, generation: Any = None, *, method: Any = None,
+                gates: Any = None) -> None:
     """Writes a ticket directory atomically: a crash mid-write leaves any previous ticket intact.
 
     ``masks``: the binary gate masks, shaped like the params (``method.binary_masks(gates)``).
@@ -56,6 +59,14 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
     weights are counted (without it only an unstructured mask's are). ``generation``: for a method
     that re-draws weights (IteRand), each gated weight's generation (ints shaped like ``masks``);
     the kept weights' are stored in ``redraws.npz`` and replayed by ``frozen_params()``.
+    ``method``: the ``Method`` that made the mask, or its name (required, unless ``meta["method"]``
+    names it): ticket.json records it, and biprop's ``"weights": "binarized"``; a method that
+    re-draws weights needs ``generation``. ``gates``: the gate values the masks came from, refused
+    if any is NaN or infinite (``slt_jax.ticket.save_checks``).
+
+    Nothing but a ticket is replaced: a ``path`` (or ``PATH.old``) that is a file, a link or a
+    directory of other files is refused with one line (``slt_jax.ticket.destination``), as is a
+    mask with values other than 0 and 1.
 
     ticket.json also records ``mask_integrity`` (each gated leaf's shape, kept gates and sha256, the
     whole mask's sha256, gates, gated weights and sparsity), and ``size.gated_weights`` and
@@ -66,7 +77,11 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
     missing = [k for k in ("seed", "input_shape") if k not in meta]
     if missing:
         raise ValueError(f"ticket meta lacks {', '.join(missing)}; required: seed, input_shape")
-    named = {name: np.asarray(m, bool) for name, m in masking.named_leaves(masks).items()}
+    check_destination(path)
+    meta = with_method(meta, method, generation)
+    if gates is not None:
+        check_finite_gates(gates)
+    named = binary_leaves(masks)
     if not named or not sum(m.size for m in named.values()):
         raise ValueError("the masks gate nothing: a ticket needs at least one gated leaf")
     arrays = encode_masks(masks, coding)
