@@ -13,7 +13,9 @@ A ticket directory holds
   pruned weights, whose values the ticket never uses).
 
 ``ticket.json`` needs ``seed`` and ``input_shape``; ``model`` (a zoo spec) lets a ticket reload
-alone, any other Flax module is passed to ``load_ticket(path, model=...)``. ``load_ticket``
+alone, any other Flax module is passed to ``load_ticket(path, model=...)``; an NNX model's ticket
+(``"framework": "nnx"``, ``slt_jax.nnx_gating.GatedModel.save_ticket``) is passed the function that
+builds it, ``load_ticket(path, model_factory=...)``. ``method`` names the method that made the mask. ``load_ticket``
 refuses a damaged ticket with a one-line ``TicketError`` (a ``ValueError``) naming the file and
 leaf. Format-1 tickets (written before ``mask_integrity`` existed) still load, with every check but
 those against the record.
@@ -78,6 +80,9 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
     if missing:
         raise ValueError(f"ticket meta lacks {', '.join(missing)}; required: seed, input_shape")
     check_destination(path)
+    if model is not None and not (hasattr(model, "init") and hasattr(model, "apply")):
+        raise ValueError(f"save_ticket: model={type(model).__name__} is not a Linen module (no init/apply); an NNX "
+                         "model's ticket is saved with GatedModel.save_ticket(path, meta, model_factory=...)")
     meta = with_method(meta, method, generation)
     if gates is not None:
         check_finite_gates(gates)
@@ -183,12 +188,35 @@ def _read_meta(path: str) -> dict[str, Any]:
     return meta
 
 
-def load_ticket(path: str, model: Any = None, frozen_from: str | None = None) -> Ticket:
+def _ticket_model(path: str, meta: dict[str, Any], model: Any, model_factory: Any) -> Any:
+    """The model argument a ticket needs: an NNX ticket's ``NNXModel(model_factory)``, a Linen
+    ticket's module; the other kind is refused with one line saying which argument it takes."""
+    nnx_ticket = meta.get("framework") == "nnx"
+    if nnx_ticket and model_factory is None:
+        raise ValueError(f"ticket {path!r} is of an NNX model; pass the function that builds it: "
+                         "load_ticket(path, model_factory=lambda rngs: MyModel(..., rngs=rngs))")
+    if not nnx_ticket and model_factory is not None:
+        raise ValueError(f"ticket {path!r} is of a Linen model; model_factory= is for NNX tickets; pass "
+                         "load_ticket(path, model=module) if it is outside the zoo")
+    if model is not None and not (hasattr(model, "init") and hasattr(model, "apply")):
+        raise ValueError(f"model={type(model).__name__} is not a Linen module (no init/apply); an NNX ticket loads "
+                         "with load_ticket(path, model_factory=lambda rngs: MyModel(..., rngs=rngs))")
+    if nnx_ticket:
+        from slt_jax.ticket.nnx_model import NNXModel
+
+        return NNXModel(model_factory)
+    return model
+
+
+def load_ticket(path: str, model: Any = None, frozen_from: str | None = None,
+                model_factory: Any = None) -> Ticket:
     """Loads a ticket directory written by ``save_ticket`` (any run's ``WORKDIR/ticket``).
 
     ``model``: the Flax module the ticket was made on; needed unless the ticket records a zoo
     spec. ``frozen_from``: where the recorded params file lies now, if it moved (its sha256 must
-    still match).
+    still match). ``model_factory``: for a ticket of an NNX model (``GatedModel.save_ticket``),
+    the function ``rngs -> module`` it was built with; its weights are drawn from the recorded seed
+    through it (``slt_jax.ticket.nnx_model``).
 
     A damaged ticket is refused with a one-line ``TicketError`` (a ``ValueError``) naming the file
     and leaf: bad JSON, missing or unreadable ``mask.npz``, missing keys, codes or shapes that do
@@ -197,6 +225,7 @@ def load_ticket(path: str, model: Any = None, frozen_from: str | None = None) ->
     ``mask_integrity``. Tickets of format 1 load without the sha256 checks.
     """
     meta = _read_meta(path)
+    model = _ticket_model(path, meta, model, model_factory)
     if model is None:
         if "model" not in meta:
             raise ValueError(f"ticket {path!r} is of a model outside the zoo; pass it: load_ticket(path, model=module)")
