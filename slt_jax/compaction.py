@@ -161,7 +161,8 @@ class SelectInputs(nn.Module):
     body: nn.Module
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return self.body(x.reshape(x.shape[0], -1)[:, np.asarray(self.features)], train)
+        # int64: an empty tuple (every input closed) would otherwise index as float64.
+        return self.body(x.reshape(x.shape[0], -1)[:, np.asarray(self.features, np.int64)], train)
 
 
 def _compact_feedforward(spec: dict[str, Any], params: dict[str, Any],
