@@ -154,8 +154,17 @@ class Shared(nn.Module):
         return nn.Dense(10)(nn.relu(dense(nn.relu(dense(x.reshape((x.shape[0], -1)))))))
 
 
+class WithBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16)(x.reshape((x.shape[0], -1)))
+        x = nn.BatchNorm(use_running_average=True, use_scale=False, use_bias=False)(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
 @pytest.mark.parametrize("module, words", [
     (WithNorm(), "LayerNorm_0"),
+    (WithBatchNorm(), "BatchNorm_0 (batch_stats)"),
     (Sigmoid(), "not exact"),
     (Shared(), "Dense_0"),
 ])
