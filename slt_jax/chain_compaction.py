@@ -88,7 +88,8 @@ def _chain(layers: dict[str, dict[str, np.ndarray]], state: dict[str, Any],
             flattened.append(width)
         else:
             raise ValueError(f"compact_ticket cannot compact layer {path}: it reads {given} features, not the "
-                             f"{width} outputs of the layer before it, {prev}; allowed: Dense and Conv layers in a chain")
+                             f"{width} outputs of the layer before it, {prev}; allowed: Dense and Conv layers in "
+                             "a chain")
     return order, flattened
 
 
@@ -169,4 +170,5 @@ def _check_exact(model: nn.Module, masked: Any, module: nn.Module, variables: di
         diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
         raise ValueError(f"compact_ticket: deleting the closed units is not exact for this model (logits differ by "
                          f"{diff:.3g} on random inputs): between its layers it passes a closed unit on as something "
-                         "other than 0 (e.g. sigmoid, a norm); allowed: relu, pooling, flatten between Dense/Conv layers")
+                         "other than 0 (e.g. sigmoid, a norm); allowed: relu, pooling, flatten between Dense/Conv "
+                         "layers")

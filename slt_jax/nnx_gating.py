@@ -123,18 +123,22 @@ class GatedModel(nnx.Module):
         from slt_jax.ticket import save_ticket
         from slt_jax.ticket.nnx_model import NNXModel
 
-        if "seed" not in meta:
-            raise ValueError("GatedModel.save_ticket: meta lacks seed; required: seed, input_shape")
+        seed = meta.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"GatedModel.save_ticket: meta's seed={seed!r}; required: the integer seed the model was "
+                             "built from, model_factory(nnx.Rngs(seed))")
         model = NNXModel(model_factory)
-        drawn = masking.named_leaves(model.variables_from_seed(meta["seed"])["params"])
+        drawn = masking.named_leaves(model.variables_from_seed(seed)["params"])
         held = masking.named_leaves(jax.device_get(self.frozen()))
         differ = sorted(n for n in held.keys() | drawn.keys()
                         if n not in held or n not in drawn or np.shape(held[n]) != np.shape(drawn[n])
                         or np.asarray(held[n]).tobytes() != np.asarray(drawn[n]).tobytes())
         if differ:
-            raise ValueError(f"GatedModel.save_ticket: the gated weights are not model_factory(nnx.Rngs({meta['seed']})) "
+            raise ValueError("GatedModel.save_ticket: the gated weights are not "
+                             f"model_factory(nnx.Rngs({seed})) "
                              f"(leaf {differ[0]} differs{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
-                             "allowed: the model built as model_factory(nnx.Rngs(seed)) with the seed the ticket records")
+                             "allowed: the model built as model_factory(nnx.Rngs(seed)) with the seed the ticket "
+                             "records")
         stats = nnx.to_pure_dict(nnx.state(self.model, nnx.BatchStat))
         save_ticket(path, {"structured": self.structured, **meta, "framework": "nnx"}, jax.device_get(self.masks()),
                     {"batch_stats": jax.device_get(stats)} if stats else None, coding=coding, model=model,

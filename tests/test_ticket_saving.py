@@ -227,4 +227,5 @@ def test_run_py_refuses_a_users_folder_with_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "not an slt-jax workdir" in lines[-1] and "Traceback" not in p.stderr
-    assert os.listdir(tmp_path) == ["config.json"] and json.loads((tmp_path / "config.json").read_text()) == {"mine": True}
+    assert os.listdir(tmp_path) == ["config.json"]
+    assert json.loads((tmp_path / "config.json").read_text()) == {"mine": True}

@@ -15,8 +15,8 @@ A ticket directory holds
 ``ticket.json`` needs ``seed`` and ``input_shape``; ``model`` (a zoo spec) lets a ticket reload
 alone, any other Flax module is passed to ``load_ticket(path, model=...)``; an NNX model's ticket
 (``"framework": "nnx"``, ``slt_jax.nnx_gating.GatedModel.save_ticket``) is passed the function that
-builds it, ``load_ticket(path, model_factory=...)``. ``method`` names the method that made the mask. ``load_ticket``
-refuses a damaged ticket with a one-line ``TicketError`` (a ``ValueError``) naming the file and
+builds it, ``load_ticket(path, model_factory=...)``. ``method`` names the method that made the
+mask. ``load_ticket`` refuses a damaged ticket with a one-line ``TicketError`` (a ``ValueError``) naming the file and
 leaf. Format-1 tickets (written before ``mask_integrity`` existed) still load, with every check but
 those against the record.
 """
