@@ -44,7 +44,8 @@ included. A block keeps at least one head (deleting the last would leave no atte
 the output projection's bias); its output is exactly 0 all the same.
 
 Supported: the MLPs (``digits_mlp``, ``lenet300``), ``conv2``..``conv8``, ``resnet18``,
-``resnet18_imagenet`` and the ViTs.
+``resnet18_imagenet`` and the ViTs; and a user's own Linen model whose Dense and Conv layers form a
+chain (``slt_jax.chain_compaction``), any other refused in one line naming the layers it cannot take.
 """
 from __future__ import annotations
 
@@ -102,11 +103,15 @@ def compact_ticket(ticket, multiple: int = 1) -> tuple[nn.Module, dict[str, Any]
     run markedly faster on channel counts that are multiples of 8."""
     if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
         raise ValueError(f"multiple={multiple!r}; allowed: a positive integer (1: keep only the live units)")
-    spec = ticket.meta["model"]
-    if spec["name"] not in COMPACTABLE:
+    spec = ticket.meta.get("model")
+    if spec is not None and spec["name"] not in COMPACTABLE:
         raise ValueError(f"model {spec['name']!r} cannot be compacted; allowed: {', '.join(COMPACTABLE)}")
-    if not ticket.meta["structured"]:
+    if not ticket.meta.get("structured"):
         raise ValueError("only a structured ticket (one gate per unit) can be compacted; this one gates each weight")
+    if spec is None:  # a user's own model: its Dense and Conv layers, if they form a chain
+        from slt_jax.chain_compaction import compact_chain
+
+        return compact_chain(ticket, multiple)
     params = jax.tree.map(np.asarray, ticket.masked_params())
     if spec["name"] in COMPACT_RESNETS:
         return _compact_resnet(spec, params, jax.tree.map(np.asarray, ticket.model_state()["batch_stats"]), multiple)
@@ -119,14 +124,14 @@ def _rows_by_input(kernel: np.ndarray, channels: int | None) -> np.ndarray:
     """``kernel`` as (inputs, ..., outputs) with one leading entry per input unit: a Conv's input
     channels, a Dense's rows, or (``channels`` given) the channels of the flattened (h, w, c)
     features a Dense after the convolutions reads."""
-    if kernel.ndim == 4:
-        return np.moveaxis(kernel, 2, 0)
+    if kernel.ndim > 2:  # a Conv's kernel: (*window, inputs, outputs)
+        return np.moveaxis(kernel, -2, 0)
     if channels is not None:
         return np.moveaxis(kernel.reshape(-1, channels, kernel.shape[-1]), 1, 0)
     return kernel
 
 
-def _feedforward_keeps(params: dict[str, Any], layers: list[str], first_dense: int | None) -> list[np.ndarray]:
+def _feedforward_keeps(params: dict[str, Any], layers: list[str], flattened: list[int | None]) -> list[np.ndarray]:
     """Kept units of the network input (MLPs: its features; ConvNets: its channels, all kept) and
     of every layer's output, by two sweeps over the masked kernels:
 
@@ -134,10 +139,10 @@ def _feedforward_keeps(params: dict[str, Any], layers: list[str], first_dense: i
       any other unit outputs relu(0) = 0 on every input;
     * backward: a live unit is kept only if a kept unit of the next layer reads it with a nonzero
       weight (its row there, e.g. closed by an input gate); otherwise nothing depends on it.
-    The classifier's outputs are always kept."""
+    The classifier's outputs are always kept. ``flattened[i]``: the channels of the flattened
+    features layer i reads (a Dense after the convolutions), else None."""
     def rows(i: int) -> np.ndarray:
-        width = params[layers[i - 1]]["kernel"].shape[-1] if i == first_dense and i > 0 else None
-        return _rows_by_input(params[layers[i]]["kernel"], width)
+        return _rows_by_input(params[layers[i]]["kernel"], flattened[i])
 
     n_in = rows(0).shape[0]
     live = [np.ones(n_in, bool)]
@@ -150,9 +155,27 @@ def _feedforward_keeps(params: dict[str, Any], layers: list[str], first_dense: i
     for i in range(len(layers) - 1, -1, -1):
         r = rows(i)[..., keeps[i + 1]]
         keeps[i] = live[i] & np.any(r != 0, axis=tuple(range(1, r.ndim)))
-    if layers[0].startswith("Conv"):
+    if params[layers[0]]["kernel"].ndim > 2:
         keeps[0] = np.ones(n_in, bool)  # an image's channels are not deleted
     return keeps
+
+
+def _narrowed_layers(params: dict[str, Any], layers: list[str], keeps: list[np.ndarray],
+                     flattened: list[int | None]) -> dict[str, dict[str, np.ndarray]]:
+    """Each layer's kernel (and bias) without the inputs and outputs ``keeps`` drops."""
+    new: dict[str, dict[str, np.ndarray]] = {}
+    for i, name in enumerate(layers):
+        kernel, keep_in, keep = params[name]["kernel"], keeps[i], keeps[i + 1]
+        if kernel.ndim > 2:
+            kernel = kernel[..., keep_in, :]
+        elif flattened[i] is not None:  # rows are the flattened (h, w, c) features
+            kernel = kernel.reshape(-1, len(keep_in), kernel.shape[-1])[:, keep_in, :].reshape(-1, kernel.shape[-1])
+        else:
+            kernel = kernel[keep_in, :]
+        new[name] = {"kernel": kernel[..., keep]}
+        if "bias" in params[name]:
+            new[name]["bias"] = params[name]["bias"][keep]
+    return new
 
 
 class SelectInputs(nn.Module):
@@ -163,27 +186,20 @@ class SelectInputs(nn.Module):
     body: nn.Module
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        return self.body(x.reshape(x.shape[0], -1)[:, np.asarray(self.features)], train)
+        # int64: an empty tuple (every input closed) would otherwise index as float64.
+        return self.body(x.reshape(x.shape[0], -1)[:, np.asarray(self.features, np.int64)], train)
 
 
 def _compact_feedforward(spec: dict[str, Any], params: dict[str, Any],
                          multiple: int) -> tuple[nn.Module, dict[str, Any]]:
     convs, denses = _layers(params, "Conv"), _layers(params, "Dense")
     layers = convs + denses
-    keeps = _feedforward_keeps(params, layers, len(convs) if convs else None)
+    flattened: list[int | None] = [None] * len(layers)
+    if convs:  # the first Dense reads the last conv's flattened (h, w, c) features
+        flattened[len(convs)] = params[convs[-1]]["kernel"].shape[-1]
+    keeps = _feedforward_keeps(params, layers, flattened)
     keeps = [keeps[0]] + [_aligned(k, multiple) for k in keeps[1:-1]] + [keeps[-1]]
-    new: dict[str, dict[str, np.ndarray]] = {}
-    for i, name in enumerate(layers):
-        kernel, keep_in, keep = params[name]["kernel"], keeps[i], keeps[i + 1]
-        if kernel.ndim == 4:
-            kernel = kernel[:, :, keep_in, :]
-        elif i == len(convs) and convs:  # rows of the first Dense are the flattened (h, w, c) features
-            kernel = kernel.reshape(-1, len(keep_in), kernel.shape[-1])[:, keep_in, :].reshape(-1, kernel.shape[-1])
-        else:
-            kernel = kernel[keep_in, :]
-        new[name] = {"kernel": kernel[..., keep]}
-        if "bias" in params[name]:
-            new[name]["bias"] = params[name]["bias"][keep]
+    new = _narrowed_layers(params, layers, keeps, flattened)
 
     use_bias = spec.get("use_bias", False)
     hidden = tuple(int(new[d]["kernel"].shape[-1]) for d in denses[:-1])
@@ -389,16 +405,26 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     every Flax attention call its two products (queries x keys, weights x values: 2 * tokens^2 *
     heads * head_dim; Swin's window attention computes its own and is not counted). Found by tracing
     ``module.init`` on shapes only; nothing is computed. A compact ResNet's ``folded`` conv runs on
-    one all-ones image per batch, so counting it per example overstates the compact model."""
-    total = 0
+    one all-ones image per batch, so counting it per example overstates the compact model. A layer
+    called inside another counted call (a compact chain's narrowed layer, ``slt_jax.chain_compaction``)
+    is part of that call's count."""
+    total, depth = 0, 0  # depth: Dense/Conv calls in progress
+    layers = (nn.Dense, nn.Conv, nn.DenseGeneral)
 
     def count(next_fun, args, kwargs, context):
-        nonlocal total
-        out = next_fun(*args, **kwargs)
+        nonlocal total, depth
         layer = context.module
         if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        inside = depth > 0
+        depth += isinstance(layer, layers)
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            depth -= isinstance(layer, layers)
+        if inside:
             return out
-        if isinstance(layer, (nn.Dense, nn.Conv, nn.DenseGeneral)):
+        if isinstance(layer, layers):
             fan_in = args[0].shape[-1]
             if isinstance(layer, nn.Conv):
                 fan_in = fan_in * math.prod(layer.kernel_size) // layer.feature_group_count

@@ -32,12 +32,18 @@ One step of a ticket search (CRBG's multiplier state ``s`` included)::
     grads, aux = nnx.grad(loss_fn, argnums=nnx.DiffState(0, Gate), has_aux=True)(gated)
     optimizer.update(gated, grads)
     s = method.update_state(s, aux)
+
+The ticket (``gated.save_ticket(path, {"seed": seed, "input_shape": [...]}, model_factory=MLP)``)
+stores the seed and the binary gates; ``slt_jax.load_ticket(path, model_factory=MLP)`` draws the
+weights again as ``MLP(nnx.Rngs(seed))``. So the model must be built that way, from the seed the
+ticket records: ``save_ticket`` draws it again and refuses weights that differ in any bit.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 from flax import nnx
 
 from slt_jax import masking
@@ -62,7 +68,8 @@ class GatedModel(nnx.Module):
     Args:
       model: any NNX module; it knows nothing of gates, and its ``nnx.Param`` weights stay frozen.
       method: a ``slt_jax.methods.Method`` (CRBG, EdgePopup, ...).
-      rngs: the gates' initialisation key comes from its ``gates`` stream (else its default one).
+      rngs: the gates' initialisation key comes from its ``gates`` stream (else its default one;
+        an ``nnx.Rngs`` with neither is refused, rather than drawing the gates from the weights' stream).
       policy: regex over parameter path names (default: every kernel).
       structured: one gate per output unit / channel / head; the unit's bias closes with it.
       structured_policy: regex picking the gated leaves that get structured gates ("" = all).
@@ -71,8 +78,12 @@ class GatedModel(nnx.Module):
 
     def __init__(self, model: nnx.Module, method: Method, *, rngs: nnx.Rngs, policy: str = masking.DEFAULT_POLICY,
                  structured: bool = False, structured_policy: str = "", structured_inputs: str = ""):
+        if "gates" not in rngs and "default" not in rngs:
+            raise ValueError("GatedModel: rngs has no 'gates' stream (nor a default one) to draw the gates from; "
+                             "allowed: rngs=nnx.Rngs(gates=SEED) or nnx.Rngs(SEED)")
         self.model = model
         self.method = method
+        self.structured = structured
         shapes = masking.gate_shapes(self.frozen(), policy, structured, structured_policy, structured_inputs)
         # nnx.data: NNX refuses Variables inside a plain dict attribute unless it is marked as data.
         # tree.map keeps the None leaves, so the stored tree is still shaped like the params.
@@ -98,3 +109,37 @@ class GatedModel(nnx.Module):
         # stop_gradient: even a gradient taken w.r.t. nnx.Param is zero for the frozen weights.
         masked = self.method.masked_params(jax.lax.stop_gradient(weights), self.masks(key, step))
         return nnx.merge(graphdef, masked, rest)(*args, **kwargs)
+
+    def save_ticket(self, path: str, meta: dict[str, Any], model_factory: Callable[[nnx.Rngs], nnx.Module], *,
+                    coding: str = "packbits") -> None:
+        """Writes the binary ticket (``masks()``) to ``path`` with ``slt_jax.save_ticket``: the method,
+        the BatchNorm running statistics, and ``"framework": "nnx"``; reload it with
+        ``slt_jax.load_ticket(path, model_factory=model_factory)``.
+
+        ``meta`` needs ``seed`` and ``input_shape`` (without the batch axis), as for Linen.
+        ``model_factory``: ``rngs -> module``; the gated model must be ``model_factory(nnx.Rngs(seed))``,
+        bit for bit (drawn again here; other weights are refused with one line naming a leaf), since
+        the ticket regenerates them so. NaN or infinite gates are refused."""
+        from slt_jax.ticket import save_ticket
+        from slt_jax.ticket.nnx_model import NNXModel
+
+        seed = meta.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"GatedModel.save_ticket: meta's seed={seed!r}; required: the integer seed the model was "
+                             "built from, model_factory(nnx.Rngs(seed))")
+        model = NNXModel(model_factory)
+        drawn = masking.named_leaves(model.variables_from_seed(seed)["params"])
+        held = masking.named_leaves(jax.device_get(self.frozen()))
+        differ = sorted(n for n in held.keys() | drawn.keys()
+                        if n not in held or n not in drawn or np.shape(held[n]) != np.shape(drawn[n])
+                        or np.asarray(held[n]).tobytes() != np.asarray(drawn[n]).tobytes())
+        if differ:
+            raise ValueError("GatedModel.save_ticket: the gated weights are not "
+                             f"model_factory(nnx.Rngs({seed})) "
+                             f"(leaf {differ[0]} differs{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
+                             "allowed: the model built as model_factory(nnx.Rngs(seed)) with the seed the ticket "
+                             "records")
+        stats = nnx.to_pure_dict(nnx.state(self.model, nnx.BatchStat))
+        save_ticket(path, {"structured": self.structured, **meta, "framework": "nnx"}, jax.device_get(self.masks()),
+                    {"batch_stats": jax.device_get(stats)} if stats else None, coding=coding, model=model,
+                    method=self.method, gates=jax.device_get(self.gate_tree()))

@@ -1,6 +1,7 @@
 """The workdir as a place: made and checked writable, held by one run at a time, its disk's failures named.
 
-``prepare_workdir`` creates it and probes that it can be written; ``workdir_lock`` holds
+``prepare_workdir`` creates it and probes that it can be written, refusing an existing folder that
+is not an slt-jax workdir (``check_run_workdir``: nothing of a user's is overwritten); ``workdir_lock`` holds
 ``WORKDIR/.lock`` for the run (a second run fails with ``WorkdirInUse`` before writing anything);
 ``storage_error`` turns an OS error that means the disk failed us (full, file-size limit, I/O
 error, read-only) into a one-line ``StorageError`` naming the path and the checkpoints kept. What
@@ -20,6 +21,17 @@ import numpy as np
 
 from slt_jax.checkpoint import StorageError, committed_steps, os_error
 from slt_jax.run_config import ConfigError
+from slt_jax.ticket.destination import not_replaceable
+
+
+# What a run writes in its workdir (slt_jax.run_outputs, slt_jax.metrics_log, slt_jax.checkpoint,
+# slt_jax.plots, the lock, and the temporary names their atomic writes use).
+RUN_ENTRIES = frozenset({"config.json", "summary.json", "metrics.jsonl", "checkpoints", "checkpoints.corrupt", "ticket",
+                         "ticket.old", ".lock", "training_curves.png", "layer_sparsity.png", "gate_histogram.png",
+                         "config.json.tmp", "summary.json.tmp", "metrics.jsonl.tmp"})
+RUN_TEMPORARY_PREFIX = ".ticket-tmp-"
+# Keys a run's config.json and summary.json both hold.
+RUN_JSON_KEYS = ("method", "model", "dataset", "seed")
 
 
 class WorkdirInUse(RuntimeError):
@@ -30,7 +42,44 @@ class WorkdirInUse(RuntimeError):
 STORAGE_ERRNOS = (errno.EIO, errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
+def _json_object(path: str) -> dict | None:
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def check_run_workdir(workdir: str) -> None:
+    """Refuses (``ConfigError``, one line) an existing, non-empty folder that is not an slt-jax
+    workdir: one holding anything a run does not write, a ``config.json`` or ``summary.json`` that
+    is not a run's (a JSON object with method, model, dataset and seed), or a ``ticket`` that is not
+    a ticket (``slt_jax.ticket.destination``). A run's own workdir, finished or not, passes."""
+    if not os.path.isdir(workdir):
+        return
+    names = sorted(os.listdir(workdir))
+    foreign = [n for n in names if n not in RUN_ENTRIES and not n.startswith(RUN_TEMPORARY_PREFIX)]
+    for name in ("config.json", "summary.json"):
+        path = os.path.join(workdir, name)
+        if os.path.lexists(path):
+            obj = _json_object(path)
+            if obj is None or not all(k in obj for k in RUN_JSON_KEYS):
+                foreign.append(f"{name} (not a run's)")
+    for name in ("ticket", "ticket.old"):
+        what = not_replaceable(os.path.join(workdir, name))
+        if what is not None:
+            foreign.append(f"{name} ({what})")
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(f"workdir {workdir} is not an slt-jax workdir (it holds {shown}); nothing in it was "
+                          "changed; allowed: a new or empty directory, or a run's workdir")
+
+
 def prepare_workdir(workdir: str) -> None:
+    check_run_workdir(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.TemporaryFile(dir=workdir):  # a unique probe: processes sharing the workdir may race

@@ -30,7 +30,7 @@ PREPROCESSING = {"scale": 1.0 / 16, "mean": [0.3], "std": [0.4]}
 
 def _meta(structured):
     return {"model": SPEC, "input_shape": [8, 8, 1], "seed": 3, "preprocessing": PREPROCESSING,
-            "gate_policy": masking.DEFAULT_POLICY, "structured": structured}
+            "gate_policy": masking.DEFAULT_POLICY, "structured": structured, "method": "crbg"}
 
 
 def _zoo_params(spec, input_shape, seed):
@@ -162,7 +162,7 @@ def test_ticket_of_a_users_own_module(structured, tmp_path):
     expected = jax.device_get(module.init(slt_jax.weights_key(seed), zeros)["params"])
     masks = _random_masks(structured, params=expected)
     path = str(tmp_path / "ticket")
-    save_ticket(path, {"seed": seed, "input_shape": list(shape), "structured": structured}, masks)
+    save_ticket(path, {"seed": seed, "input_shape": list(shape), "structured": structured}, masks, method="crbg")
 
     with pytest.raises(ValueError, match=r"outside the zoo.*load_ticket\(path, model=module\)"):
         load_ticket(path)

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERIFY_TICKET = os.path.join(ROOT, "tests", "independent_verifier.py")
 SPEC = {"name": "digits_mlp", "num_classes": 10, "weight_init": "signed_kaiming", "init_scale": None,
         "use_bias": True, "width": 0.1}
-META = {"model": SPEC, "input_shape": [8, 8, 1], "seed": 3, "preprocessing": {"scale": 1.0 / 16, "mean": [0.3],
+META = {"model": SPEC, "input_shape": [8, 8, 1], "seed": 3, "method": "crbg", "preprocessing": {"scale": 1.0 / 16, "mean": [0.3],
                                                                               "std": [0.4]}}
 LEAF = "Dense_1/kernel"
 
@@ -118,7 +118,7 @@ def test_a_users_module_gets_the_counts_too(structured, tmp_path):
     masks = jax.tree.map(lambda s: np.random.default_rng(1).random(s.shape) < 0.5,
                          masking.gate_shapes(params, policy=policy, structured=structured))
     path = str(tmp_path / "t")
-    meta = {"seed": 5, "input_shape": [8, 8, 1], "structured": structured}
+    meta = {"seed": 5, "input_shape": [8, 8, 1], "structured": structured, "method": "crbg"}
     save_ticket(path, meta, masks, **({"model": module} if structured else {}))  # structured: counted on the module
     recorded = json.load(open(os.path.join(path, "ticket.json")))
     counts = _verifier_counts(load_ticket(path, model=module))
@@ -318,7 +318,8 @@ def test_a_state_npz_that_does_not_fit_is_refused(case, tmp_path):
     masks = jax.tree.map(lambda s: np.ones(s.shape, bool), masking.gate_shapes(variables["params"]))
     state = {"batch_stats": jax.tree.map(lambda v: np.asarray(v) + 1, variables["batch_stats"])}
     path = str(tmp_path / "t")
-    save_ticket(path, {"seed": 0, "input_shape": [8, 8, 1], "init_kwargs": {"train": False}}, masks, state)
+    save_ticket(path, {"seed": 0, "input_shape": [8, 8, 1], "init_kwargs": {"train": False}}, masks, state,
+                method="crbg")
     if case == "fits":
         ticket = load_ticket(path, model=module)
         np.testing.assert_array_equal(ticket.model_state()["batch_stats"]["BatchNorm_0"]["mean"],

@@ -13,6 +13,9 @@ One concern a module:
 * ``regenerate``: the frozen weights from the seed (or the params file, IteRand's draws, biprop's signs);
 * ``predict``: ``Ticket``, the loaded ticket;
 * ``atomic_directory``: the staging directory a save writes and renames into place;
+* ``destination``: what a save may replace (a ticket, an empty directory), nothing of a user's;
+* ``save_checks``: the method a save records, and the mask and gate values it refuses;
+* ``nnx_model``: an NNX model, drawn from the seed through the user's factory, as a ticket sees it;
 * ``errors``: ``TicketError``.
 
 A ticket loads with the models, ``slt_jax.masking`` and ``slt_jax.frozen`` only, without the

@@ -13,8 +13,10 @@ A ticket directory holds
   pruned weights, whose values the ticket never uses).
 
 ``ticket.json`` needs ``seed`` and ``input_shape``; ``model`` (a zoo spec) lets a ticket reload
-alone, any other Flax module is passed to ``load_ticket(path, model=...)``. ``load_ticket``
-refuses a damaged ticket with a one-line ``TicketError`` (a ``ValueError``) naming the file and
+alone, any other Flax module is passed to ``load_ticket(path, model=...)``; an NNX model's ticket
+(``"framework": "nnx"``, ``slt_jax.nnx_gating.GatedModel.save_ticket``) is passed the function that
+builds it, ``load_ticket(path, model_factory=...)``. ``method`` names the method that made the
+mask. ``load_ticket`` refuses a damaged ticket with a one-line ``TicketError`` (a ``ValueError``) naming the file and
 leaf. Format-1 tickets (written before ``mask_integrity`` existed) still load, with every check but
 those against the record.
 """
@@ -34,11 +36,13 @@ from slt_jax.frozen import init_variables, round_frozen
 from slt_jax.models import create_model
 from slt_jax.ticket.atomic_directory import replaced_atomically
 from slt_jax.ticket.coding import encode_masks
+from slt_jax.ticket.destination import check_destination
 from slt_jax.ticket.errors import TicketError, one_line
 from slt_jax.ticket.integrity import (check_masks, check_redraws, check_state, integrity_record, redraws_sha256,
                                       state_sha256, with_counts)
 from slt_jax.ticket.predict import Ticket
 from slt_jax.ticket.regenerate import init_kwargs, kept_weights_digest, network_weights, variable_shapes
+from slt_jax.ticket.save_checks import binary_leaves, check_finite_gates, with_method
 from slt_jax.weights_fingerprint import current_settings, mismatch_cause
 
 # 2: ticket.json records ``mask_integrity`` (each gated leaf's shape, kept count and sha256, the
@@ -52,7 +56,8 @@ READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 
 def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[str, Any] | None = None,
-                coding: str = "packbits", model: Any = None, generation: Any = None, frozen: Any = None) -> None:
+                coding: str = "packbits", model: Any = None, generation: Any = None, frozen: Any = None, *,
+                method: Any = None, gates: Any = None) -> None:
     """Writes a ticket directory atomically: a crash mid-write leaves any previous ticket intact.
 
     ``masks``: the binary gate masks, shaped like the params (``method.binary_masks(gates)``).
@@ -63,6 +68,14 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
     weights are counted (without it only an unstructured mask's are). ``generation``: for a method
     that re-draws weights (IteRand), each gated weight's generation (ints shaped like ``masks``);
     the kept weights' are stored in ``redraws.npz`` and replayed by ``frozen_params()``.
+    ``method``: the ``Method`` that made the mask, or its name (required, unless ``meta["method"]``
+    names it): ticket.json records it, and biprop's ``"weights": "binarized"``; a method that
+    re-draws weights needs ``generation``. ``gates``: the gate values the masks came from, refused
+    if any is NaN or infinite (``slt_jax.ticket.save_checks``).
+
+    Nothing but a ticket is replaced: a ``path`` (or ``PATH.old``) that is a file, a link or a
+    directory of other files is refused with one line (``slt_jax.ticket.destination``), as is a
+    mask with values other than 0 and 1.
 
     ``frozen``: the params the gates were trained on (``init_variables(...)["params"]``,
     ``variables["frozen"]`` of ``slt_jax.gated``). ticket.json records their ``weights_fingerprint``
@@ -83,7 +96,14 @@ def save_ticket(path: str, meta: dict[str, Any], masks: Any, model_state: dict[s
     missing = [k for k in ("seed", "input_shape") if k not in meta]
     if missing:
         raise ValueError(f"ticket meta lacks {', '.join(missing)}; required: seed, input_shape")
-    named = {name: np.asarray(m, bool) for name, m in masking.named_leaves(masks).items()}
+    check_destination(path)
+    if model is not None and not (hasattr(model, "init") and hasattr(model, "apply")):
+        raise ValueError(f"save_ticket: model={type(model).__name__} is not a Linen module (no init/apply); an NNX "
+                         "model's ticket is saved with GatedModel.save_ticket(path, meta, model_factory=...)")
+    meta = with_method(meta, method, generation)
+    if gates is not None:
+        check_finite_gates(gates)
+    named = binary_leaves(masks)
     if not named or not sum(m.size for m in named.values()):
         raise ValueError("the masks gate nothing: a ticket needs at least one gated leaf")
     arrays = encode_masks(masks, coding)
@@ -221,12 +241,35 @@ def _read_meta(path: str) -> dict[str, Any]:
     return meta
 
 
-def load_ticket(path: str, model: Any = None, frozen_from: str | None = None) -> Ticket:
+def _ticket_model(path: str, meta: dict[str, Any], model: Any, model_factory: Any) -> Any:
+    """The model argument a ticket needs: an NNX ticket's ``NNXModel(model_factory)``, a Linen
+    ticket's module; the other kind is refused with one line saying which argument it takes."""
+    nnx_ticket = meta.get("framework") == "nnx"
+    if nnx_ticket and model_factory is None:
+        raise ValueError(f"ticket {path!r} is of an NNX model; pass the function that builds it: "
+                         "load_ticket(path, model_factory=lambda rngs: MyModel(..., rngs=rngs))")
+    if not nnx_ticket and model_factory is not None:
+        raise ValueError(f"ticket {path!r} is of a Linen model; model_factory= is for NNX tickets; pass "
+                         "load_ticket(path, model=module) if it is outside the zoo")
+    if model is not None and not (hasattr(model, "init") and hasattr(model, "apply")):
+        raise ValueError(f"model={type(model).__name__} is not a Linen module (no init/apply); an NNX ticket loads "
+                         "with load_ticket(path, model_factory=lambda rngs: MyModel(..., rngs=rngs))")
+    if nnx_ticket:
+        from slt_jax.ticket.nnx_model import NNXModel
+
+        return NNXModel(model_factory)
+    return model
+
+
+def load_ticket(path: str, model: Any = None, frozen_from: str | None = None,
+                model_factory: Any = None) -> Ticket:
     """Loads a ticket directory written by ``save_ticket`` (any run's ``WORKDIR/ticket``).
 
     ``model``: the Flax module the ticket was made on; needed unless the ticket records a zoo
     spec. ``frozen_from``: where the recorded params file lies now, if it moved (its sha256 must
-    still match).
+    still match). ``model_factory``: for a ticket of an NNX model (``GatedModel.save_ticket``),
+    the function ``rngs -> module`` it was built with; its weights are drawn from the recorded seed
+    through it (``slt_jax.ticket.nnx_model``).
 
     A damaged ticket is refused with a one-line ``TicketError`` (a ``ValueError``) naming the file
     and leaf: bad JSON, missing or unreadable ``mask.npz``, missing keys, codes or shapes that do
@@ -244,6 +287,7 @@ def load_ticket(path: str, model: Any = None, frozen_from: str | None = None) ->
     process's flags.
     """
     meta = _read_meta(path)
+    model = _ticket_model(path, meta, model, model_factory)
     if model is None:
         if "model" not in meta:
             raise ValueError(f"ticket {path!r} is of a model outside the zoo; pass it: load_ticket(path, model=module)")

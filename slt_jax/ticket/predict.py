@@ -29,7 +29,7 @@ def _unflatten_like(template: Any, flat: dict[str, np.ndarray]) -> Any:
 
 
 class Ticket:
-    """A loaded ticket on ``model`` (a Flax Linen module).
+    """A loaded ticket on ``model`` (a Flax Linen module, or an NNX model's ``NNXModel``).
 
     ``gate_masks`` holds the stored binary gates and ``mask`` every leaf's mask (a structured
     unit's bias included); both are params-shaped, with None for leaves that are not gated."""
@@ -49,9 +49,10 @@ class Ticket:
 
     @functools.cached_property
     def _variables(self) -> dict[str, Any]:
+        draw = getattr(self.model, "variables_from_seed", None)  # an NNX model: drawn as its user draws it
         with drawn_under(self._drawn_under):
-            variables = init_variables(self.model, tuple(self.meta["input_shape"]), self.meta["seed"],
-                                       init_kwargs(self.meta))
+            variables = draw(self.meta["seed"]) if draw is not None else init_variables(
+                self.model, tuple(self.meta["input_shape"]), self.meta["seed"], init_kwargs(self.meta))
         unknown = sorted(set(self._named_gates) - set(masking.named_leaves(variables["params"])))
         if unknown:
             raise ValueError(f"the ticket's mask names {', '.join(unknown)}, which the model does not have; "
