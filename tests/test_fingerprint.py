@@ -225,14 +225,15 @@ def test_a_ticket_saved_with_the_wrong_seed_is_refused_at_load(tmp_path):
     params = slt_jax.init_variables(MLP(), (64,), seed=1)["params"]  # drawn from seed 1...
     masks = _own_loop_masks(params)
     path = str(tmp_path / "t")
-    slt_jax.save_ticket(path, {"seed": 0, "input_shape": [64]}, masks, frozen=params)  # ...recorded as seed 0
+    slt_jax.save_ticket(path, {"seed": 0, "input_shape": [64]}, masks, frozen=params, method="crbg")  # ...recorded as seed 0
     with pytest.raises(TicketError) as err:
         slt_jax.load_ticket(path, model=MLP())
     message = str(err.value)
     assert "\n" not in message and "seed 0" in message, message
     # With the module at hand, the save itself refuses.
     with pytest.raises(ValueError, match="seed 0") as err:
-        slt_jax.save_ticket(str(tmp_path / "u"), {"seed": 0, "input_shape": [64]}, masks, frozen=params, model=MLP())
+        slt_jax.save_ticket(str(tmp_path / "u"), {"seed": 0, "input_shape": [64]}, masks, frozen=params, model=MLP(),
+                            method="crbg")
     assert "\n" not in str(err.value) and not os.path.exists(tmp_path / "u")
 
 
@@ -240,7 +241,7 @@ def test_a_ticket_loads_only_with_a_module_that_draws_its_weights(tmp_path):
     params = slt_jax.init_variables(MLP(), (64,), seed=0)["params"]
     masks = _own_loop_masks(params)
     path = str(tmp_path / "t")
-    slt_jax.save_ticket(path, {"seed": 0, "input_shape": [64]}, masks, frozen=params)
+    slt_jax.save_ticket(path, {"seed": 0, "input_shape": [64]}, masks, frozen=params, method="crbg")
     x = np.random.default_rng(1).normal(size=(16, 64)).astype(np.float32)
     # Another activation draws the same weights: the ticket is those weights, and loads.
     tanh = slt_jax.load_ticket(path, model=MLP(act="tanh"))
@@ -257,7 +258,7 @@ def test_without_frozen_the_ticket_fingerprints_the_seeds_weights(tmp_path):
     masks = _own_loop_masks(params)
     path = str(tmp_path / "t")
     with pytest.warns(UserWarning, match="frozen="):  # an old call: it works, and says what it cannot check
-        slt_jax.save_ticket(path, {"seed": 0, "input_shape": [64]}, masks, model=MLP())
+        slt_jax.save_ticket(path, {"seed": 0, "input_shape": [64]}, masks, model=MLP(), method="crbg")
     assert slt_jax.load_ticket(path, model=MLP()).meta["weights_fingerprint"]["leaves"]
     with pytest.raises(TicketError):
         slt_jax.load_ticket(path, model=MLP(kernel="normal"))
