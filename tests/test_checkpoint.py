@@ -3,7 +3,7 @@ checkpoints, and driven to divergence. Every interrupted run must end with the t
 one uninterrupted reference run, and the same metrics.
 
 The tests on the 160-step reference run (a run.py process of its own, then reruns of it) are marked
-slow: CI runs them (.ci/run), a plain ``pytest`` does not. Divergence needs no reference and stays.
+slow, like every run.py process here: CI runs them (.ci/run), a plain ``pytest`` does not.
 """
 import json
 import random
@@ -132,6 +132,7 @@ def test_foreign_checkpoint_is_refused_and_nothing_overwritten(reference, change
     assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_exit_3_and_saves_no_poisoned_checkpoint(tmp_path):
     # Dual ascent with an absurd step size: lambda, then the gradients and Adam's second moment overflow.
     p = finish(tmp_path, "--config.crbg.dual_lr=1e37", "--config.checkpoint_every=5", "--config.log_every=5")

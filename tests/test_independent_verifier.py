@@ -45,7 +45,7 @@ def _images(n=64, shape=(8, 8)):
 @pytest.mark.parametrize("name,width,structured,shape", [
     ("digits_mlp", 0.1, False, (8, 8, 1)), ("lenet300", 0.1, True, (8, 8, 1)),
     ("conv2", 0.125, False, (9, 9, 1)),  # an odd size: the pool drops the last row and column
-    ("conv4", 0.0625, True, (8, 8, 1))])
+    pytest.param("conv4", 0.0625, True, (8, 8, 1), marks=pytest.mark.slow)])  # two pooling stages: slow to compile
 def test_the_numpy_forward_pass_gives_the_models_logits(name, width, structured, shape, tmp_path):
     spec = _spec(name, width=width)
     path = _ticket(tmp_path, spec, structured, shape)

@@ -8,11 +8,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import slt_jax
 from conftest import ROOT
 
 
+@pytest.mark.slow  # run.py processes
 def test_run_py_with_rbg_default_prng_gives_a_portable_ticket(tmp_path):
     env = dict(os.environ, JAX_DEFAULT_PRNG_IMPL="rbg", XLA_FLAGS="")
     p = subprocess.run([sys.executable, "run.py", "--workdir", str(tmp_path), "--config.num_epochs=0",
