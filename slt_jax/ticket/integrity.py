@@ -3,7 +3,7 @@
 ``save_ticket`` records (format 2), per gated leaf, its shape, kept gates and the sha256 of its
 packed bits (``np.packbits`` of the flattened mask, whatever the coding); the sha256 of all
 leaves' packed bits in name order; the gate count; the gated-weight count and sparsity (as
-``verify_ticket.py`` counts them; also written to ``size.gated_weights`` and
+the independent verifier (tests/independent_verifier.py) counts them; also written to ``size.gated_weights`` and
 ``metrics.sparsity``); ``state_sha256`` when there is a ``state.npz`` and ``redraws_sha256`` when
 there is a ``redraws.npz``. ``load_ticket`` checks each file against the model and the record
 with ``check_masks``, ``check_state`` and ``check_redraws``, and refuses a ticket that disagrees
@@ -105,13 +105,13 @@ def integrity_record(named: dict[str, np.ndarray], meta: dict[str, Any], model: 
         record["gated_weights"], record["sparsity"] = gates, 1.0 - kept / gates
     else:
         warnings.warn("save_ticket: the gated weights of a structured mask cannot be counted without its module; "
-                      "pass save_ticket(..., model=module) to record them (verify_ticket.py checks them)",
+                      "pass save_ticket(..., model=module) to record them (the independent verifier checks them)",
                       stacklevel=3)
     return record
 
 
 def with_counts(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
-    """``meta`` with ``size.gated_weights`` and ``metrics.sparsity`` (what verify_ticket.py reads)
+    """``meta`` with ``size.gated_weights`` and ``metrics.sparsity`` (what the independent verifier reads)
     set to the counts measured on the mask; a caller's other value is replaced, with a warning."""
     meta = dict(meta)
     for section, key in (("size", "gated_weights"), ("metrics", "sparsity")):
