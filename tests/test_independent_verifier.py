@@ -34,7 +34,8 @@ def _ticket(tmp_path, spec, structured=False, shape=(8, 8, 1), **meta):
     masks = jax.tree.map(lambda s: rng.random(s.shape) < 0.6, masking.gate_shapes(params, structured=structured))
     path = str(tmp_path / "ticket")
     save_ticket(path, {"model": spec, "input_shape": list(shape), "seed": 3, "preprocessing": PREPROCESSING,
-                       "structured": structured, **meta}, masks)
+                       "structured": structured, **meta}, masks,
+                method="biprop" if meta.get("weights") == "binarized" else "crbg")
     return path
 
 
@@ -82,7 +83,7 @@ def test_a_model_it_cannot_run_is_refused_in_one_line(tmp_path):
         verify(path, _images(), np.zeros(64, int))
     params = jax.eval_shape(lambda: UserNet().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))["params"]
     save_ticket(str(tmp_path / "user"), {"seed": 0, "input_shape": [8, 8, 1]},
-                jax.tree.map(lambda s: np.ones(s.shape, bool), masking.gate_shapes(params)))
+                jax.tree.map(lambda s: np.ones(s.shape, bool), masking.gate_shapes(params)), method="crbg")
     with pytest.raises(ValueError, match=r"outside the zoo"):  # load_ticket needs the module: said by the library
         verify(str(tmp_path / "user"), _images(), np.zeros(64, int))
 

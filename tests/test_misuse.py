@@ -230,7 +230,7 @@ def structured_ticket(tmp_path_factory):
     masks = jax.tree.map(lambda s: np.arange(math.prod(s.shape)).reshape(s.shape) % 3 != 0, shapes)
     workdir = tmp_path_factory.mktemp("workdir")
     slt_jax.save_ticket(str(workdir / "ticket"), {"seed": 0, "input_shape": [8, 8, 1], "model": spec,
-                                                  "structured": True}, masks)
+                                                  "structured": True}, masks, method="crbg")
     return workdir
 
 
