@@ -80,6 +80,7 @@ print(json.dumps({"x64": bool(jax.config.jax_enable_x64), "partitionable": bool(
 """
 
 
+@pytest.mark.slow  # run.py or python processes of their own
 @pytest.mark.parametrize("flag", ["JAX_ENABLE_X64=1", "JAX_THREEFRY_PARTITIONABLE=0"])
 def test_a_ticket_predicts_the_same_under_another_jax_flag(digits_run, flag):
     workdir, summary, val = digits_run
@@ -92,6 +93,7 @@ def test_a_ticket_predicts_the_same_under_another_jax_flag(digits_run, flag):
     assert result["val_accuracy"] == summary["val_accuracy"]
 
 
+@pytest.mark.slow  # run.py or python processes of their own
 def test_the_verifier_under_x64_measures_the_recorded_accuracy(digits_run):
     workdir, summary, val = digits_run
     p = subprocess.run([sys.executable, VERIFY_TICKET, str(workdir / "ticket"), val, "--x", "x_val", "--y", "y_val"],
@@ -115,6 +117,7 @@ def test_a_ticket_records_the_fingerprint_of_its_weights(digits_run):
                                                         + w.tobytes()).hexdigest()
 
 
+@pytest.mark.slow  # run.py or python processes of their own
 def test_a_ticket_trained_under_x64_loads_without_it(tmp_path):
     p = subprocess.run([sys.executable, "run.py", *FLAGS, "--config.num_steps=30", "--workdir", str(tmp_path)],
                        cwd=ROOT, env=_env(JAX_ENABLE_X64="1"), capture_output=True, text=True, timeout=600)
@@ -126,6 +129,7 @@ def test_a_ticket_trained_under_x64_loads_without_it(tmp_path):
     assert np.mean(ticket.predict(data.x_val) == data.y_val) == summary["val_accuracy"]
 
 
+@pytest.mark.slow  # run.py or python processes of their own
 @pytest.mark.parametrize("flag", ["JAX_ENABLE_X64=1", "JAX_THREEFRY_PARTITIONABLE=0"])
 def test_rerunning_a_finished_run_under_another_flag_keeps_its_ticket(digits_run, flag):
     workdir, _, _ = digits_run
@@ -152,6 +156,7 @@ def frozen_from_run(tmp_path_factory):
     return directory / "run", params_file, weights
 
 
+@pytest.mark.slow  # run.py or python processes of their own
 def test_a_replaced_params_file_is_a_refused_rerun(frozen_from_run, tmp_path):
     workdir, params_file, weights = frozen_from_run
     before = _files(workdir)
@@ -192,6 +197,7 @@ sys.exit(cli.run(c, sys.argv[1]))
 """
 
 
+@pytest.mark.slow  # run.py or python processes of their own
 def test_a_changed_method_default_is_a_refused_resume(digits_run):
     workdir, _, _ = digits_run
     assert json.load(open(workdir / "config.json"))["learning_rate"] == 0.05  # resolved, not null
