@@ -202,10 +202,10 @@ def _finish(run: Run, state: TrainState, train_seconds: float, workdir: str, sig
     final = run.evaluate(state, splits=("val", "test"))
     binary = jax.device_get(run.method.binary_masks(state.gates))
     summary = run_summary(run, final, binary, train_seconds, workdir)
+    stop_if_signalled()
     if hasattr(run.method, "landing"):  # CRBG: the threshold rule's sparsity, a projection, a miss
         summary.update(run.method.landing(state.gates))
-        _warn_landing(summary, run.method.landing_tolerance)
-    stop_if_signalled()
+        _warn_landing(summary, run.method.landing_tolerance)  # said once, with the ticket it describes
     if is_main:  # from here on a signal waits: the ticket, plots and summary take a moment
         summary = write_outputs(run, state, summary, binary, workdir)
     return summary

@@ -77,6 +77,12 @@ def _files(workdir) -> dict[str, bytes]:
     return {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
 
 
+def _without_landing(stderr: str) -> str:
+    """stderr less CRBG's landing warning: these runs' 40 steps land short of the target, which is
+    said (tests/test_sparsity_landing.py) and is not the fault under test."""
+    return "\n".join(line for line in stderr.splitlines() if "MISSED its target sparsity" not in line)
+
+
 def _one_line(stderr: str, prefix: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(prefix), stderr
@@ -314,7 +320,7 @@ def test_sigterm_in_the_final_phase_exits_cleanly_and_a_rerun_finishes(cli, refe
         assert "run the same command" in line, line
         code, out, err = cli["busy"]["rerun"]
         assert code == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["num_steps"] == NUM_STEPS and not err.strip(), err
+    assert json.loads(out.strip().splitlines()[-1])["num_steps"] == NUM_STEPS and not _without_landing(err).strip(), err
     assert_same_ticket(cli["busy"]["workdir"], reference)
 
 
@@ -358,7 +364,7 @@ def test_damaged_metrics_are_repaired_with_a_warning(cli, reference, name):
     """Resumed at step 20: intact records up to 20 are kept, 30 and 40 are logged again; what is lost is said."""
     code, _, err, workdir = _outcome(cli, f"metrics:{name}")
     assert code == 0, err
-    lines = err.strip().splitlines()
+    lines = _without_landing(err).strip().splitlines()
     assert len(lines) == 1 and str(workdir / "metrics.jsonl") in lines[0], err
     for text in METRICS_DAMAGE[name][2]:
         assert text in lines[0], lines[0]
