@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import sweep  # noqa: E402
 from benchmarks.mnist_pareto import accuracy_cell  # noqa: E402
-from configs import mnist_lenet300_crbg, mnist_lenet300_edgepopup  # noqa: E402
+from configs import mnist_lenet300_crbg, mnist_lenet300_edgepopup, mnist_zoo  # noqa: E402
 
 MAX_SHIFT = 5
 MAX_ANGLE = 60.0
@@ -97,8 +97,18 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "crbg_shift": ("crbg", {"crbg.shift_onto_target": True, "crbg.target_ramp": 0.3}),
     "crbg_st_shift": ("crbg", {"crbg.family": "gaussian_st", "crbg.shift_onto_target": True,
                                "crbg.target_ramp": 0.3}),
+    # The shift per leaf: every gated leaf held on its own ramped target, as per-layer top-k holds it.
+    "crbg_shift_per_layer": ("crbg", {"crbg.shift_onto_target": True, "crbg.target_ramp": 0.3,
+                                      "crbg.density_constraint": "per_layer"}),
+    "crbg_shift_fan_in": ("crbg", {"crbg.shift_onto_target": True, "crbg.target_ramp": 0.3,
+                                   "crbg.density_constraint": "fan_in"}),
+    "crbg_st_shift_per_layer": ("crbg", {"crbg.family": "gaussian_st", "crbg.shift_onto_target": True,
+                                         "crbg.target_ramp": 0.3, "crbg.density_constraint": "per_layer"}),
 }
 DATASETS = ("mnist", "mnist_shifted", "mnist_rotated", "digits")
+# The models: LeNet-300-100 (the recipe's configs) and the zoo (configs/mnist_zoo.py, its width, loss
+# temperature and budget; MNIST-derived datasets only).
+MODELS = ("lenet300", *mnist_zoo.MODELS)
 
 
 def shifted(x: np.ndarray) -> np.ndarray:
@@ -157,11 +167,24 @@ def dataset_overrides(name: str, source: str, out: str) -> dict[str, Any]:
     return {"dataset": "digits", **DIGITS_BUDGET}
 
 
-def cell_config(cell: str, dataset: str, target: float, seed: int, num_epochs: int, source: str,
+def base_config(model: str, base: str, num_epochs: int | None) -> ml_collections.ConfigDict:
+    """The recipe a cell changes: LeNet's own configs (``num_epochs``), or the zoo's config of
+    ``model`` with its own budget unless ``num_epochs`` is given."""
+    if model == "lenet300":
+        config = (mnist_lenet300_crbg if base == "crbg" else mnist_lenet300_edgepopup).get_config()
+        config.num_epochs = num_epochs
+        return config
+    config = mnist_zoo.get_config(f"{model},{base}")
+    if num_epochs is not None:
+        config.num_epochs = num_epochs
+        config.crbg.dual_lr = mnist_zoo.budget_dual_lr(num_epochs)
+    return config
+
+
+def cell_config(cell: str, model: str, dataset: str, target: float, seed: int, num_epochs: int | None, source: str,
                 out: str) -> ml_collections.ConfigDict:
     base, overrides = CELLS[cell]
-    config = (mnist_lenet300_crbg if base == "crbg" else mnist_lenet300_edgepopup).get_config()
-    config.num_epochs = num_epochs
+    config = base_config(model, base, num_epochs)
     for key, value in {**overrides, **dataset_overrides(dataset, source, out)}.items():
         parent, _, leaf = key.rpartition(".")
         (config[parent] if parent else config)[leaf] = value
@@ -170,25 +193,33 @@ def cell_config(cell: str, dataset: str, target: float, seed: int, num_epochs: i
     return config
 
 
-def run_one(cell: str, dataset: str, target: float, seed: int, num_epochs: int, source: str,
+def run_one(cell: str, model: str, dataset: str, target: float, seed: int, num_epochs: int | None, source: str,
             out: str) -> dict[str, Any]:
     from slt_jax.train import train_and_evaluate
 
-    config = cell_config(cell, dataset, target, seed, num_epochs, source, out)
-    workdir = os.path.join(out, "runs", slug(source), f"{cell}-{dataset}-s{target}-seed{seed}-e{config.num_epochs}")
+    config = cell_config(cell, model, dataset, target, seed, num_epochs, source, out)
+    name = f"{cell}-{dataset}-s{target}-seed{seed}-e{config.num_epochs}"
+    workdir = os.path.join(out, "runs", slug(source), name if model == "lenet300" else f"{model}-{name}")
     s = train_and_evaluate(config, workdir)
-    return {"cell": cell, "dataset": dataset, "source": source, "target_sparsity": target, "seed": seed,
-            "num_epochs": config.num_epochs, "val_accuracy": s["val_accuracy"], "sparsity": s["sparsity"],
-            "layer_sparsity": s["layer_sparsity"], "binary_gap": s["binary_gap"], "train_seconds": s["train_seconds"]}
+    return {"cell": cell, "model": model, "dataset": dataset, "source": source, "target_sparsity": target,
+            "seed": seed, "num_epochs": config.num_epochs, "val_accuracy": s["val_accuracy"],
+            "sparsity": s["sparsity"], "layer_sparsity": s["layer_sparsity"], "binary_gap": s["binary_gap"],
+            "train_seconds": s["train_seconds"]}
+
+
+def model_of(row: dict[str, Any]) -> str:
+    """The row's model; rows from before the zoo joined the study are LeNet-300-100's."""
+    return row.get("model", "lenet300")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[(r["cell"], r["dataset"], r["target_sparsity"], r["num_epochs"])].append(r)
-    columns = sorted({k[1:] for k in groups}, key=lambda c: (DATASETS.index(c[0]), c[1], c[2]))
+        groups[(r["cell"], model_of(r), r["dataset"], r["target_sparsity"], r["num_epochs"])].append(r)
+    columns = sorted({k[1:] for k in groups}, key=lambda c: (MODELS.index(c[0]), DATASETS.index(c[1]), c[2], c[3]))
     cells = [c for c in CELLS if any(k[0] == c for k in groups)]
-    lines = ["| cell | " + " | ".join(f"{d} {t:.2f}, {e} ep" for d, t, e in columns) + " |",
+    lines = ["| cell | " + " | ".join(f"{'' if m == 'lenet300' else m + ' '}{d} {t:.2f}, {e} ep"
+                                      for m, d, t, e in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for cell in cells:
         out = [accuracy_cell(groups.get((cell, *column), [])) for column in columns]
@@ -203,26 +234,39 @@ def main() -> None:
     ap.add_argument("--datasets", default="mnist", help=f"the study's columns, comma list of {', '.join(DATASETS)}")
     ap.add_argument("--targets", default="0.9")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--num_epochs", type=int, default=10, help="MNIST epochs (digits keeps its own budget)")
+    ap.add_argument("--models", default="lenet300", help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--num_epochs", type=int, default=None,
+                    help="epochs on MNIST (default: LeNet 10, a zoo model its config's); the digits keep their own")
     ap.add_argument("--out", default="benchmarks/results/crbg_study")
     args = ap.parse_args()
     cells = list(CELLS) if args.cells == "all" else args.cells.split(",")
-    for kind, given, allowed in (("cell", cells, CELLS), ("dataset", args.datasets.split(","), DATASETS)):
+    models, datasets = args.models.split(","), args.datasets.split(",")
+    for kind, given, allowed in (("cell", cells, CELLS), ("dataset", datasets, DATASETS), ("model", models, MODELS)):
         unknown = sorted(set(given) - set(allowed))
         if unknown:
             sys.exit(f"error: unknown {kind}(s) {unknown}; allowed: {', '.join(allowed)}")
-    # (cell, dataset, target, seed, epochs); the digits keep their own budget
-    jobs = [(c, d, float(t), int(s), DIGITS_BUDGET["num_epochs"] if d == "digits" else args.num_epochs)
-            for d in args.datasets.split(",") for t in args.targets.split(",") for c in cells for s in args.seeds.split(",")]
+    if "digits" in datasets and models != ["lenet300"]:
+        sys.exit(f"error: --datasets digits runs LeNet-300-100 only, got --models {args.models}; allowed: lenet300")
+
+    def epochs(model: str, dataset: str) -> int | None:
+        if dataset == "digits":
+            return DIGITS_BUDGET["num_epochs"]
+        if model == "lenet300":
+            return args.num_epochs or 10
+        return args.num_epochs or int(mnist_zoo.MODELS[model]["num_epochs"])
+
+    jobs = [(c, m, d, float(t), int(s), epochs(m, d)) for m in models for d in datasets
+            for t in args.targets.split(",") for c in cells for s in args.seeds.split(",")]
     # the digits do not depend on --dataset: their rows count whatever source they were run beside
     rows = [r for r in sweep.saved_rows(args.out) if r["dataset"] == "digits" or r.get("source") == args.dataset]
     rows = sweep.run_missing(
         args.out, jobs, rows,
-        key=lambda r: (r["cell"], r["dataset"], r["target_sparsity"], r["seed"], r["num_epochs"]),
+        key=lambda r: (r["cell"], model_of(r), r["dataset"], r["target_sparsity"], r["seed"], r["num_epochs"]),
         run=lambda *job: run_one(*job, args.dataset, args.out))
-    sweep.write_table(args.out, "Binary-ticket validation accuracy (mean ± std over seeds) @ achieved sparsity, "
-                      "LeNet-300-100 (digits: the 64-256-256-10 default MLP is not used; LeNet on 8x8 inputs).",
-                      table(rows))
+    sweep.write_table(args.out, "Binary-ticket validation accuracy (mean ± std over seeds) @ achieved sparsity; "
+                      "columns without a model name: LeNet-300-100 (digits: LeNet on 8x8 inputs; the "
+                      "64-256-256-10 default MLP is not used), others: configs/mnist_zoo.py's model, width and "
+                      "loss temperature.", table(rows))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,12 @@ MODELS: dict[str, dict[str, float | int]] = {
 }
 
 
+def budget_dual_lr(num_epochs: int) -> float:
+    """CRBG's multiplier gain for ``num_epochs``: dual_lr * num_steps that of the 20-epoch LeNet recipe
+    (0.05 * 8,420 steps); at the recipe's 0.05, Conv4's 842 steps ended at 80.3%."""
+    return 0.05 * 8420 / (num_epochs * STEPS_PER_EPOCH)
+
+
 def get_config(arg: str = "conv4,crbg") -> ml_collections.ConfigDict:
     """The run of ``arg`` = "MODEL,METHOD"; a ValueError names a bad value and what is allowed."""
     parts = arg.split(",")
@@ -88,9 +94,7 @@ def get_config(arg: str = "conv4,crbg") -> ml_collections.ConfigDict:
     c.num_epochs = int(MODELS[model]["num_epochs"])
     c.batch_size = int(MODELS[model]["batch_size"])
     c.logit_scale = MODELS[model]["logit_scale"]
-    # CRBG's multiplier: the integral gain scaled to the budget, so that dual_lr * num_steps is that of the
-    # 20-epoch LeNet recipe (0.05 * 8,420 steps); at the recipe's 0.05, Conv4's 842 steps ended at 80.3%.
-    c.crbg.dual_lr = 0.05 * 8420 / (c.num_epochs * STEPS_PER_EPOCH)
+    c.crbg.dual_lr = budget_dual_lr(c.num_epochs)
     c.log_every = 25
     c.eval_every = 100_000  # evaluate once, after the last step (evaluations are slow on this CPU)
     c.checkpoint_every = STEPS_PER_EPOCH  # an interrupted run resumes from its last epoch

@@ -154,8 +154,28 @@ def test_the_shift_makes_the_threshold_ticket_the_projection_onto_each_steps_tar
                                      "target_reached": True}
 
 
-@pytest.mark.parametrize("settings", [{"family": "hard_concrete"}, {"density_constraint": "per_layer"},
-                                      {"shift_onto_target": 1}])
+@pytest.mark.parametrize("constraint", ["per_layer", "fan_in"])
+def test_a_per_leaf_shift_puts_every_leaf_on_its_own_ramped_target(constraint):
+    params = _params()
+    method = CRBG(num_steps=10, sparsity=0.9, target_ramp=0.5, shift_onto_target=True,
+                  density_constraint=constraint, param_shapes=params)
+    gates = _mu(masking.gate_shapes(params))
+    names, _, targets = method.leaf_budget(gates)
+    tx = method.optimizer()
+    opt_state = tx.init(gates)
+    for step in range(10):
+        grads = jax.tree.map(lambda g: jnp.full_like(g, 1e-3), gates)
+        updates, opt_state = tx.update(grads, opt_state, gates)
+        gates = jax.tree.map(jnp.add, gates, updates)
+        kept = masking.named_leaves(method.binary_masks(gates))
+        ramped = np.asarray(method.target_density(jnp.asarray(targets, jnp.float32), step))
+        for name, target in zip(names, ramped):
+            assert int(kept[name].sum()) == round(float(target) * kept[name].size), (name, step)
+    if constraint == "fan_in":  # the leaves' own targets, not one for all
+        assert targets[0] != targets[1]
+
+
+@pytest.mark.parametrize("settings", [{"family": "hard_concrete"}, {"shift_onto_target": 1}])
 def test_the_shift_refuses_what_it_cannot_hold(settings):
     with pytest.raises(ValueError, match="shift_onto_target"):
         CRBG(num_steps=10, **{"shift_onto_target": True, **settings})

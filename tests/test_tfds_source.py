@@ -210,7 +210,7 @@ def test_crbg_study_derives_shifted_mnist_from_the_dataset_it_is_given(mock_mnis
 
     monkeypatch.setenv("TFDS_DATA_DIR", mock_mnist)  # where the study's runs and its derivation read TFDS
     x, y = training_arrays("mnist")
-    config = crbg_study.cell_config("crbg", "mnist_shifted", 0.9, 0, 1, "mnist", str(tmp_path))
+    config = crbg_study.cell_config("crbg", "lenet300", "mnist_shifted", 0.9, 0, 1, "mnist", str(tmp_path))
     path = tmp_path / "data" / "mnist" / "mnist_shifted.npz"
     assert config.dataset == f"npz:{path}"
     with np.load(path) as f:
@@ -218,4 +218,4 @@ def test_crbg_study_derives_shifted_mnist_from_the_dataset_it_is_given(mock_mnis
     np.testing.assert_array_equal(labels, y)
     np.testing.assert_array_equal(shifted, crbg_study.shifted(x[..., 0]))
     assert not np.array_equal(shifted, x[..., 0])
-    assert crbg_study.cell_config("crbg", "mnist", 0.9, 0, 1, "mnist", str(tmp_path)).dataset == "mnist"
+    assert crbg_study.cell_config("crbg", "lenet300", "mnist", 0.9, 0, 1, "mnist", str(tmp_path)).dataset == "mnist"

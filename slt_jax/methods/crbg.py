@@ -157,13 +157,30 @@ def project_into(low: float, high: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def cut_between(lowest_kept: Array, highest_closed: Array) -> Array:
+    """The cut midway between the smallest kept and the largest closed parameter; when all are kept
+    (none closed: -inf) just below the smallest, when none are, just above the largest."""
+    return jnp.where(jnp.isfinite(highest_closed),
+                     jnp.where(jnp.isfinite(lowest_kept), (lowest_kept + highest_closed) / 2, highest_closed + 1e-3),
+                     lowest_kept - 1e-3)
+
+
+def leaf_cut(g: Array, density: Array) -> Array:
+    """The cut that keeps the round(density n) largest of the leaf's n parameters."""
+    values = jnp.sort(g.ravel())[::-1]
+    n = values.size
+    k = jnp.clip(jnp.round(density * n).astype(jnp.int32), 0, n)
+    lowest_kept = jnp.where(k > 0, values[jnp.maximum(k - 1, 0)], jnp.inf)
+    highest_closed = jnp.where(k < n, values[jnp.minimum(k, n - 1)], -jnp.inf)
+    return cut_between(lowest_kept, highest_closed)
+
+
 def shift_onto(method: "CRBG") -> optax.GradientTransformation:
-    """Updates u that land the params on ``method.shifted_onto_target(p + u, t_s)``, t_s the target
-    density of step s (``CRBG.target_density``); its state counts the steps (needs params)."""
+    """Updates u that land the params on ``method.shifted_onto_target(p + u, s)`` at step s; its state
+    counts the steps (needs params)."""
     def update(updates, step, params=None):
         moved = jax.tree.map(jnp.add, params, updates)
-        target = method.target_density(1.0 - method.sparsity, step)
-        return jax.tree.map(jnp.subtract, method.shifted_onto_target(moved, target), params), step + 1
+        return jax.tree.map(jnp.subtract, method.shifted_onto_target(moved, step), params), step + 1
 
     return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.int32), update)
 
@@ -239,9 +256,9 @@ class CRBG:
             raise ValueError(f"project_on_miss={self.project_on_miss!r}; allowed: True or False")
         if not isinstance(self.shift_onto_target, bool):
             raise ValueError(f"shift_onto_target={self.shift_onto_target!r}; allowed: True or False")
-        if self.shift_onto_target and (not self.family.startswith("gaussian") or self.density_constraint != "global"):
-            raise ValueError(f"shift_onto_target moves mu against the global target: family {self.family!r} with "
-                             f"density_constraint {self.density_constraint!r}; allowed: a gaussian family with 'global'")
+        if self.shift_onto_target and not self.family.startswith("gaussian"):
+            raise ValueError(f"shift_onto_target moves mu onto the target: family {self.family!r}; allowed: a "
+                             "gaussian family")
         if not 0.0 <= self.landing_tolerance < 1.0:
             raise ValueError(f"landing_tolerance={self.landing_tolerance}; allowed: a number in [0, 1)")
         if not all(0 < t < math.inf for t in (self.temp_start, self.temp_end)):
@@ -397,18 +414,24 @@ class CRBG:
         tau = jnp.where(kept(lo) - target <= target - kept(hi), lo, hi)
         return jax.tree.map(lambda b: b >= tau, bits)
 
-    def shifted_onto_target(self, gates: GateTree, density: Array | float) -> GateTree:
-        """``gates`` + (1/2 - c), c midway between the smallest parameter ``projected_masks(gates,
-        density)`` keeps and the largest it closes: the threshold rule then keeps that projection."""
-        keep = self.projected_masks(gates, density)
+    def shifted_onto_target(self, gates: GateTree, step: Array) -> GateTree:
+        """``gates`` moved by a constant so that the threshold rule keeps the rank projection onto the
+        target of ``step`` (``target_density``): globally, all gates by 1/2 - c, c midway between the
+        smallest parameter ``projected_masks(gates, t_s)`` keeps and the largest it closes; with a
+        per-leaf constraint, each leaf by its own constant onto its own t_l(s) (its top
+        round(t_l(s) n_l) gates, counting the leaf's gates as its ``violation`` does)."""
+        if self.density_constraint != "global":
+            names, _, targets = self.leaf_budget(gates)
+            leaf_target = dict(zip(names, self.target_density(jnp.asarray(targets, jnp.float32), step)))
+            return jax.tree_util.tree_map_with_path(
+                lambda path, g: g + (gates_lib.BINARY_THRESHOLD - leaf_cut(g, leaf_target[masking.path_name(path)])),
+                gates)
+        keep = self.projected_masks(gates, self.target_density(1.0 - self.sparsity, step))
         leaves, kept = jax.tree.leaves(gates), jax.tree.leaves(keep)
         lowest_kept = jnp.min(jnp.stack([jnp.min(jnp.where(k, g, jnp.inf)) for g, k in zip(leaves, kept)]))
         highest_closed = jnp.max(jnp.stack([jnp.max(jnp.where(k, -jnp.inf, g)) for g, k in zip(leaves, kept)]))
-        # All kept (or none): the cut goes just below the smallest (above the largest) parameter.
-        cut = jnp.where(jnp.isfinite(highest_closed),
-                        jnp.where(jnp.isfinite(lowest_kept), (lowest_kept + highest_closed) / 2, highest_closed + 1e-3),
-                        lowest_kept - 1e-3)
-        return jax.tree.map(lambda g: g + (gates_lib.BINARY_THRESHOLD - cut), gates)
+        return jax.tree.map(lambda g: g + (gates_lib.BINARY_THRESHOLD - cut_between(lowest_kept, highest_closed)),
+                            gates)
 
     def landing(self, gates: GateTree) -> dict[str, Any]:
         """How the ticket met its target, as Python values: ``threshold_sparsity`` (the threshold
