@@ -104,6 +104,14 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
                                    "crbg.density_constraint": "fan_in"}),
     "crbg_st_shift_per_layer": ("crbg", {"crbg.family": "gaussian_st", "crbg.shift_onto_target": True,
                                          "crbg.target_ramp": 0.3, "crbg.density_constraint": "per_layer"}),
+    # The per-layer shift with one more change (the zoo's ConvNets).
+    **{f"crbg_spl_{name}": ("crbg", {"crbg.shift_onto_target": True, "crbg.target_ramp": 0.3,
+                                     "crbg.density_constraint": "per_layer", **change})
+       for name, change in {"sigma0.25": {"crbg.temp_start": 0.25, "crbg.temp_end": 0.25},
+                            "sigma0.5to0.1": {"crbg.temp_end": 0.1},
+                            "lr0.1": {"learning_rate": 0.1},
+                            "cosine": {"lr_schedule": "cosine"},
+                            "no_decision": {"crbg.decision_weight": 0.0}}.items()},
 }
 DATASETS = ("mnist", "mnist_shifted", "mnist_rotated", "digits")
 # The models: LeNet-300-100 (the recipe's configs) and the zoo (configs/mnist_zoo.py, its width, loss

@@ -20,6 +20,9 @@ Variants (``crbg.*`` keys; the rest of the recipe unchanged):
 * ``old_projected``: ``old``'s training, and the rank projection when its ticket misses by more
   than 0.3 point (``project_on_miss``);
 * ``shift``: the gates shifted onto the ramped target after every step (``shift_onto_target``);
+* ``shift_per_layer``, ``shift_fan_in``: the shift per gated leaf, each onto its own ramped target
+  (``density_constraint`` ``per_layer``: every leaf at the target; ``fan_in``: global edge-popup's
+  split at its initialisation);
 * ``new``: the geometric controller (``slt_jax.methods.multiplier``; integral gain 50 over the
   budget, proportional 5 on log lambda) tracking a cubic target ramp over the first 30% of the
   budget, and the rank projection when the threshold rule still misses by more than 0.003
@@ -62,6 +65,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "new": {"controller": "geometric", "target_ramp": 0.3, "geometric_gain": 50.0, "geometric_kp": 5.0,
             "project_on_miss": True},
     "shift": {"controller": "pi", "target_ramp": 0.3, "project_on_miss": False, "shift_onto_target": True},
+    # the shift per leaf: each gated leaf on its own target (per-layer top-k's split, or global top-k's at init)
+    "shift_per_layer": {"controller": "pi", "target_ramp": 0.3, "project_on_miss": False, "shift_onto_target": True,
+                        "density_constraint": "per_layer"},
+    "shift_fan_in": {"controller": "pi", "target_ramp": 0.3, "project_on_miss": False, "shift_onto_target": True,
+                     "density_constraint": "fan_in"},
 }
 TOLERANCE = 0.003
 
