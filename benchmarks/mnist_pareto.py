@@ -8,7 +8,9 @@ Every variant gets the same data (``--dataset``, any ``config.dataset`` string; 
 results were measured on ``npz:`` arrays of the 60,000-image MNIST training set), seeds, loss
 (``logit_scale`` of the MNIST configs), epochs, batch size and evaluation grid (the binary ticket on
 the validation split carved from the training set, every 100 steps; test sets are not used). CRBG
-runs configs/mnist_lenet300_crbg.py, edge-popup configs/mnist_lenet300_edgepopup.py; supermask,
+runs configs/mnist_lenet300_crbg.py (``crbg``: its default, the gates shifted onto a ramped target;
+``crbg_pi``: held by the PI multiplier alone, the default before issue 21), edge-popup
+configs/mnist_lenet300_edgepopup.py; supermask,
 IteRand and biprop run the edge-popup config with their method and ``learning_rate`` /
 ``lr_schedule`` cleared to None, i.e. each method's own recipe (its dataclass defaults): supermask
 SGD 100 constant; biprop and IteRand subclass edge-popup and keep its SGD 0.1 cosine, the value the
@@ -61,8 +63,16 @@ def _own_recipe(method: str) -> ml_collections.ConfigDict:
     return config
 
 
+def _crbg_pi() -> ml_collections.ConfigDict:
+    """The CRBG config held on its target by the PI multiplier alone (CRBG's default before issue 21)."""
+    config = mnist_lenet300_crbg.get_config()
+    config.crbg.shift_onto_target, config.crbg.target_ramp = False, 0.0
+    return config
+
+
 VARIANTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     "crbg": mnist_lenet300_crbg.get_config,
+    "crbg_pi": _crbg_pi,
     "crbg_structured": lambda: lenet_structured.recipe("units"),
     "edgepopup_layer": lambda: _edgepopup("layer"),
     "edgepopup_global": lambda: _edgepopup("global"),

@@ -53,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Each method's own hyperparameters, c.<method>, with the defaults of its dataclass (one source of truth):
     # crbg: family, lambda_mode, lam, dual_lr, dual_kp, temp_start, temp_end, decision_weight, binary_rule,
     # density_constraint (how the budget is split over layers), gate_margin, target_ramp, controller,
-    # geometric_gain, geometric_kp, project_on_miss, landing_tolerance (how the ticket lands on the target)
+    # geometric_gain, geometric_kp, project_on_miss, landing_tolerance, shift_onto_target (how the ticket lands
+    # on the target)
     # (slt_jax.methods.crbg.CRBG); edgepopup and biprop: scope, momentum, weight_decay
     # (...edgepopup.EdgePopup, ...biprop.Biprop); supermask: sparsity_control ("dual": the multiplier
     # holds --config.sparsity; "none": the paper's uncontrolled masks), score_init, lam, dual_lr, dual_kp

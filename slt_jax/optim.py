@@ -9,6 +9,9 @@
 built on ``optax.multi_transform``. ``optax.masked(tx, mask)`` alone would not do: it passes the
 unmasked leaves' gradients through unchanged as updates, so frozen weights would move.
 
+``on_gate_tree(t)`` applies a transformation that needs the gates themselves (CRBG's shift onto its
+target, its bound on mu) to the gate tree whether it is given alone or inside a variables dict.
+
 ``stop_frozen(variables)`` stops gradients at the frozen weights, so ``jax.grad`` over the combined
 tree computes no weight gradient at all (XLA removes the dead computation); ``Gated.apply`` does it
 itself.
@@ -57,3 +60,19 @@ def gates_only(tx: optax.GradientTransformation) -> optax.GradientTransformation
 def stop_frozen(variables: dict[str, Any]) -> dict[str, Any]:
     """``variables`` with ``jax.lax.stop_gradient`` on every collection but "gates"."""
     return {name: tree if name == GATES else jax.lax.stop_gradient(tree) for name, tree in variables.items()}
+
+
+def gate_tree(params: Any) -> Any:
+    """The gate tree in ``params``: ``params["gates"]`` of a variables dict, else ``params`` itself."""
+    return params[GATES] if isinstance(params, Mapping) and GATES in params else params
+
+
+def on_gate_tree(t: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``t`` on ``gate_tree(params)`` and its updates; a variables dict's other updates pass unchanged."""
+    def update(updates, state, params=None):
+        if isinstance(params, Mapping) and GATES in params:
+            gate_updates, state = t.update(updates[GATES], state, params[GATES])
+            return type(updates)({**updates, GATES: gate_updates}), state
+        return t.update(updates, state, params)
+
+    return optax.GradientTransformation(lambda params: t.init(gate_tree(params)), update)

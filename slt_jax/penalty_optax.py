@@ -21,15 +21,13 @@ refused: its state is each weight's generation, which the loop's re-draw updates
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-GATES = "gates"
-
+from slt_jax.optim import gate_tree
 
 class PenaltyState(NamedTuple):
     """What ``with_penalty`` carries: its update count, the method's state (CRBG: ``lambda`` and its
@@ -42,10 +40,6 @@ class PenaltyState(NamedTuple):
     inner: optax.OptState
 
 
-def _gate_tree(params: Any) -> Any:
-    return params[GATES] if isinstance(params, Mapping) and GATES in params else params
-
-
 def _added(updates: Any, grads: Any) -> Any:
     # Leaf by leaf in the updates' own structure: a gradient through nnx.State containers can come
     # back with other container types around the same leaves, in the same order.
@@ -54,8 +48,9 @@ def _added(updates: Any, grads: Any) -> Any:
 
 
 def with_penalty(method: Any, tx: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
-    """``tx`` (default: ``method.optimizer()``, the recipe's) with ``method``'s penalty gradient added
-    and its state carried; see the module docstring.
+    """``tx`` (default: ``method.optimizer()``, the recipe's; a given ``tx`` is followed by the method's
+    ``constraints()``, if any) with ``method``'s penalty gradient added and its state carried; see the
+    module docstring.
 
     Raises:
       ValueError: for IteRand (its state is the weights' generations; use ``tx`` with the explicit form).
@@ -64,10 +59,12 @@ def with_penalty(method: Any, tx: optax.GradientTransformation | None = None) ->
         raise ValueError(f"with_penalty({method.name}): its state is each weight's generation, which the loop's "
                          "re-draw updates, and it adds no penalty; allowed: methods whose state is the penalty's "
                          "(crbg, supermask) or empty (edgepopup, biprop)")
-    inner = method.optimizer() if tx is None else tx
+    # A given tx gets the method's constraints after it (CRBG: the shift onto the target, the bound on
+    # mu), as the recipe's optimiser has them: without them a run would not land on its target.
+    inner = method.optimizer() if tx is None else optax.chain(tx, *getattr(method, "constraints", tuple)())
 
     def init(params: Any) -> PenaltyState:
-        gates = _gate_tree(params)
+        gates = gate_tree(params)
         method_state = method.init_state(gates)
         step = jnp.zeros((), jnp.int32)
         aux_shapes = jax.eval_shape(lambda g, s: method.penalty(g, s, step)[1], gates, method_state)
@@ -78,7 +75,7 @@ def with_penalty(method: Any, tx: optax.GradientTransformation | None = None) ->
         if params is None:
             raise ValueError("with_penalty's update needs params (the gates): tx.update(grads, opt_state, gates)")
         # Differentiated w.r.t. all of params (zero outside "gates"), so the gradient has the updates' structure.
-        (_, aux), grads = jax.value_and_grad(lambda p: method.penalty(_gate_tree(p), state.method_state, state.step),
+        (_, aux), grads = jax.value_and_grad(lambda p: method.penalty(gate_tree(p), state.method_state, state.step),
                                              has_aux=True)(params)
         updates, inner_state = inner.update(_added(updates, grads), state.inner, params)
         return updates, PenaltyState(state.step + 1, method.update_state(state.method_state, aux), aux, inner_state)

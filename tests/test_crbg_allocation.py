@@ -99,7 +99,8 @@ def test_per_leaf_multipliers_bring_every_layer_to_its_own_target(rule):
 def test_the_global_constraint_leaves_the_split_to_the_gates():
     # The same descent under the one global constraint: a gate of a small leaf weighs more in the
     # stand-in loss, so the leaves end far apart (the per-leaf test above is not passed by chance).
-    method = CRBG(num_steps=STEPS, sparsity=0.8, learning_rate=0.01, decision_weight=0.0)
+    method = CRBG(num_steps=STEPS, sparsity=0.8, learning_rate=0.01, decision_weight=0.0,
+                  shift_onto_target=False, target_ramp=0.0)
     gates, aux = _descend(method, _gates(), STEPS)
     assert float(aux["binary_density"]) < 0.25
     density = _leaf_densities(method, gates)
@@ -120,7 +121,7 @@ def test_gate_margin_keeps_every_gate_within_reach_of_the_noise():
     gates = {"Dense_0": {"kernel": jnp.full((8, 8), 0.2)}}
     for margin, low in ((0.0, -1.0), (0.5, -0.5)):
         method = CRBG(num_steps=400, sparsity=0.9, lambda_mode="fixed", lam=1.0, learning_rate=0.05,
-                      decision_weight=0.0, gate_margin=margin)
+                      decision_weight=0.0, gate_margin=margin, shift_onto_target=False)
         tx = method.optimizer()
         g, opt_state = gates, tx.init(gates)
         grad = jax.jit(jax.grad(lambda g: method.penalty(g, method.init_state(), 0)[0]))
@@ -130,4 +131,4 @@ def test_gate_margin_keeps_every_gate_within_reach_of_the_noise():
         mu = np.asarray(g["Dense_0"]["kernel"])
         assert (mu.min() >= low - 1e-6) if margin else (mu.max() < low)
     with pytest.raises(ValueError, match="gate_margin.*'hard_concrete'"):
-        CRBG(num_steps=1, family="hard_concrete", gate_margin=0.5)
+        CRBG(num_steps=1, family="hard_concrete", gate_margin=0.5, shift_onto_target=False)

@@ -186,8 +186,12 @@ def _gates(mu):
     return _tree(lambda i, _, s: jnp.full(s, mu))
 
 
+# The multiplier alone (no shift, no ramp): what these tests measure is its own arithmetic.
+PI_ALONE = {"shift_onto_target": False, "target_ramp": 0.0}
+
+
 def test_crbg_dual_ascent_raises_lambda_while_too_dense_and_keeps_it_nonnegative():
-    method = CRBG(num_steps=100, sparsity=0.9, dual_lr=0.1, dual_kp=0.0)
+    method = CRBG(num_steps=100, sparsity=0.9, dual_lr=0.1, dual_kp=0.0, **PI_ALONE)
     penalty, update_state = jax.jit(method.penalty), jax.jit(method.update_state)
     state = method.init_state()
     assert float(state["lambda"]) == 0.0
@@ -210,7 +214,7 @@ def test_crbg_dual_ascent_raises_lambda_while_too_dense_and_keeps_it_nonnegative
 
 
 def test_crbg_proportional_term_answers_at_once_to_the_violation():
-    method = CRBG(num_steps=100, sparsity=0.9, dual_lr=0.05, dual_kp=100.0)
+    method = CRBG(num_steps=100, sparsity=0.9, dual_lr=0.05, dual_kp=100.0, **PI_ALONE)
     state = method.init_state()
     _, aux = method.penalty(_gates(0.9), state, 0)
     state = method.update_state(state, aux)
@@ -308,10 +312,11 @@ def test_create_method_passes_the_configs_overrides():
     c = _config("crbg", learning_rate=0.2, lr_schedule="cosine", sparsity=0.7)
     c.crbg.dual_kp = 3.0
     c.crbg.family = "hard_concrete"
+    c.crbg.shift_onto_target = False  # the shift needs a gaussian family
     weights = {"Dense_0": {"kernel": jax.ShapeDtypeStruct((3, 2), jnp.float32)}}
     made = create_method(c, num_steps=50, warmup_steps=5, param_shapes=weights)
     assert made == CRBG(num_steps=50, sparsity=0.7, learning_rate=0.2, lr_schedule="cosine", warmup_steps=5,
-                        dual_kp=3.0, family="hard_concrete")
+                        dual_kp=3.0, family="hard_concrete", shift_onto_target=False)
     assert made.param_shapes is weights
     c = _config("edgepopup", sparsity=0.6)
     c.edgepopup.scope = "global"

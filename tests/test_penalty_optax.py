@@ -20,7 +20,8 @@ def _gates(method, key=0):
 
 
 def test_one_update_adds_the_penalty_gradient_and_steps_the_multiplier():
-    method = slt_jax.CRBG(num_steps=10, sparsity=0.7, lam=0.3)
+    # The multiplier alone: no shift after sgd, so the update is exactly -(data + penalty gradient).
+    method = slt_jax.CRBG(num_steps=10, sparsity=0.7, lam=0.3, shift_onto_target=False, target_ramp=0.0)
     gates = _gates(method)
     grads = jax.tree.map(lambda g: jnp.full_like(g, 0.01), gates)  # a data gradient
     tx = slt_jax.with_penalty(method, optax.sgd(1.0))
