@@ -68,11 +68,16 @@ def gate_tree(params: Any) -> Any:
 
 
 def on_gate_tree(t: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``t`` on ``gate_tree(params)`` and its updates; a variables dict's other updates pass unchanged."""
+    """``t`` on the gates of a Linen variables dict (a plain ``dict`` with a "gates" collection; its
+    other updates pass unchanged), else on the whole tree (a gate tree, or NNX's state of the ``Gate``
+    variables an ``nnx.Optimizer(..., wrt=Gate)`` updates)."""
     def update(updates, state, params=None):
-        if isinstance(params, Mapping) and GATES in params:
+        if isinstance(params, dict) and GATES in params:
             gate_updates, state = t.update(updates[GATES], state, params[GATES])
             return type(updates)({**updates, GATES: gate_updates}), state
         return t.update(updates, state, params)
 
-    return optax.GradientTransformation(lambda params: t.init(gate_tree(params)), update)
+    def init(params):
+        return t.init(params[GATES] if isinstance(params, dict) and GATES in params else params)
+
+    return optax.GradientTransformation(init, update)

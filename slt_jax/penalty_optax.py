@@ -48,9 +48,10 @@ def _added(updates: Any, grads: Any) -> Any:
 
 
 def with_penalty(method: Any, tx: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
-    """``tx`` (default: ``method.optimizer()``, the recipe's; a given ``tx`` is followed by the method's
-    ``constraints()``, if any) with ``method``'s penalty gradient added and its state carried; see the
-    module docstring.
+    """``tx`` (default: ``method.optimizer()``, the recipe's) with ``method``'s penalty gradient added
+    and its state carried; see the module docstring. A ``tx`` of your own replaces the whole recipe
+    optimiser: CRBG's ``constraints()`` (the shift onto the target that makes its default land, the
+    bound on mu) follow it only as ``optax.chain(tx, *method.constraints())``.
 
     Raises:
       ValueError: for IteRand (its state is the weights' generations; use ``tx`` with the explicit form).
@@ -59,9 +60,7 @@ def with_penalty(method: Any, tx: optax.GradientTransformation | None = None) ->
         raise ValueError(f"with_penalty({method.name}): its state is each weight's generation, which the loop's "
                          "re-draw updates, and it adds no penalty; allowed: methods whose state is the penalty's "
                          "(crbg, supermask) or empty (edgepopup, biprop)")
-    # A given tx gets the method's constraints after it (CRBG: the shift onto the target, the bound on
-    # mu), as the recipe's optimiser has them: without them a run would not land on its target.
-    inner = method.optimizer() if tx is None else optax.chain(tx, *getattr(method, "constraints", tuple)())
+    inner = method.optimizer() if tx is None else tx
 
     def init(params: Any) -> PenaltyState:
         gates = gate_tree(params)
