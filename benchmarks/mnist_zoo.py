@@ -9,7 +9,8 @@ line (the exact command is recorded with its row)::
     python run.py --config configs/mnist_zoo.py:MODEL,METHOD --config.dataset=DATASET \
         --workdir runs/mnist_zoo/MODEL-METHOD
 
-then writes OUT/results.jsonl (one line per run) and OUT/table.md, and prints the table. A run
+then writes OUT/results.jsonl (one line per run; rows of runs not named by ``--models``/``--methods``
+are kept) and OUT/table.md, and prints the table. A run
 whose workdir already holds ``summary.json`` is not run again, so an interrupted benchmark
 resumes (an interrupted run itself resumes from its last checkpoint); delete the workdirs after
 changing the code. Accuracy is the binary ticket's on the validation split carved from the
@@ -75,6 +76,11 @@ def make_row(model: str, method: str, cmd: list[str], summary: dict[str, Any]) -
             "train_seconds": seconds, "ms_per_step": 1000 * seconds / summary["num_steps"], "command": " ".join(cmd)}
 
 
+def job_order(row: dict) -> tuple[int, int]:
+    """A row's place in the table: the configs' order of models, then of methods."""
+    return list(mnist_zoo.MODELS).index(row["model"]), list(mnist_zoo.METHODS).index(row["method"])
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model (width, gated weights) | method | epochs | val accuracy | sparsity | per-layer sparsity | ms/step "
              "| command |", "|---|---|---|---|---|---|---|---|"]
@@ -103,8 +109,14 @@ def main() -> None:
     out = os.path.join(ROOT, args.out)
     os.makedirs(out, exist_ok=True)
     results_path = os.path.join(out, "results.jsonl")
+    # Rows of runs not asked for this time stay (--models/--methods re-measure a part of the table).
+    kept = []
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            kept = [json.loads(line) for line in f if line.strip()]
     rows = []
     jobs = [(model, method) for model in models for method in methods]
+    kept = [r for r in kept if (r["model"], r["method"]) not in jobs]
     for i, (model, method) in enumerate(jobs):
         cmd = command(model, method, args.dataset, args.workdirs)
         summary_path = os.path.join(ROOT, cmd[-1], "summary.json")
@@ -118,7 +130,8 @@ def main() -> None:
                      "allowed: another --workdirs, or that --dataset")
         rows.append(make_row(model, method, cmd, summary))
         with open(results_path, "w") as f:  # after every run, so an interruption loses nothing
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.writelines(json.dumps(r) + "\n" for r in sorted(kept + rows, key=job_order))
+    rows = sorted(kept + rows, key=job_order)
     text = table(rows)
     total = f"{sum(r['train_seconds'] for r in rows) / 60:.1f} min of training in all"
     with open(os.path.join(out, "table.md"), "w") as f:
