@@ -81,6 +81,12 @@ def job_order(row: dict) -> tuple[int, int]:
     return list(mnist_zoo.MODELS).index(row["model"]), list(mnist_zoo.METHODS).index(row["method"])
 
 
+def shown_command(row: dict) -> str:
+    """The row's command with a local ``npz:`` path shown as ``npz:PATH`` (the row records the path)."""
+    dataset = row["dataset"]
+    return row["command"].replace(dataset, "npz:PATH") if dataset.startswith("npz:") else row["command"]
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model (width, gated weights) | method | epochs | val accuracy | sparsity | per-layer sparsity | ms/step "
              "| command |", "|---|---|---|---|---|---|---|---|"]
@@ -89,7 +95,7 @@ def table(rows: list[dict]) -> str:
             f"| {MODEL_NAMES[r['model']]} (x{r['width']:g}, {r['gated_weights']:,}) | {METHOD_NAMES[r['method']]} "
             f"| {r['num_epochs']} ({r['num_steps']:,} steps) | {100 * r['val_accuracy']:.2f}% "
             f"| {100 * r['sparsity']:.2f}% | {layer_range(r['layer_sparsity'])} | {r['ms_per_step']:.0f} "
-            f"| `{r['command']}` |")
+            f"| `{shown_command(r)}` |")
     return "\n".join(lines)
 
 
@@ -131,13 +137,17 @@ def main() -> None:
         rows.append(make_row(model, method, cmd, summary))
         with open(results_path, "w") as f:  # after every run, so an interruption loses nothing
             f.writelines(json.dumps(r) + "\n" for r in sorted(kept + rows, key=job_order))
-    rows = sorted(kept + rows, key=job_order)
+    print(write_table(out, sorted(kept + rows, key=job_order)))
+
+
+def write_table(out: str, rows: list[dict]) -> str:
+    """Writes OUT/table.md from ``rows``; returns the table."""
     text = table(rows)
     total = f"{sum(r['train_seconds'] for r in rows) / 60:.1f} min of training in all"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(f"Binary-ticket validation accuracy on MNIST at a target sparsity of 0.9, seed 0 ({total}).\n\n"
                 f"{text}\n")
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
