@@ -103,6 +103,9 @@ def benchmark_config(variant: str, target: float, seed: int, args: argparse.Name
     config.num_epochs, config.num_steps = args.num_epochs, 0
     config.logit_scale = structured.logit_scale(target)
     config.crbg.dual_lr = structured.dual_lr(args.num_epochs)
+    # CRBG held by the PI multiplier alone, the recipe the committed rows were measured with (before
+    # the shift onto the target became CRBG's default).
+    config.crbg.shift_onto_target, config.crbg.target_ramp = False, 0.0
     config.progress, config.plots, config.checkpoint_every = True, False, 0
     return config
 
