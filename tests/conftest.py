@@ -7,6 +7,19 @@ os.environ["XLA_FLAGS"] = " ".join(
     + ["--xla_force_host_platform_device_count=8"]
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session: its xdist workers and every process they start
+# inherit it. The same programs (the digits MLP's step and evaluation, the seeded inits) recur in
+# dozens of runs, each building them afresh, and on 2 cores compiling them is most of a short run's
+# time. A new directory per session, made by the process that starts it (the xdist controller), so
+# no run's timing depends on an earlier session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="slt-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
