@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices, set before JAX is imported anywhere."""
+"""Test setup: 8 simulated CPU devices and a per-session compilation cache, set before JAX is imported anywhere."""
 import os
 import pathlib
 import time
