@@ -1,12 +1,27 @@
-"""Test setup: 8 simulated CPU devices, set before JAX is imported anywhere."""
+"""Test setup: 8 simulated CPU devices and a per-session compilation cache, set before JAX is imported anywhere."""
 import os
+import pathlib
 import time
+from typing import NamedTuple
 
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     + ["--xla_force_host_platform_device_count=8"]
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session: its xdist workers and every process they start
+# inherit it. The same programs (the digits MLP's step and evaluation, the seeded inits) recur in
+# dozens of runs, each building them afresh, and on 2 cores compiling them is most of a short run's
+# time. A new directory per session, made by the process that starts it (the xdist controller), so
+# no run's timing depends on an earlier session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="slt-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
@@ -29,6 +44,38 @@ def tiny_config():
     c.progress = False
     c.plots = False
     return c
+
+
+def short_digits_config(**overrides):
+    """tiny_config's settings for a 20-step run, as a function: module- and session-scoped fixtures
+    cannot take a per-test fixture."""
+    c = default.get_config()
+    c.update(num_epochs=0, num_steps=20, batch_size=64, log_every=10, eval_every=20, checkpoint_every=0,
+             num_devices=1, progress=False, plots=False)
+    c.update(overrides)
+    return c
+
+
+class FinishedRun(NamedTuple):
+    """A finished ``train_and_evaluate`` run: its workdir, the summary it returned, and its config
+    (``to_dict()``) before and after the call."""
+    workdir: pathlib.Path
+    summary: dict
+    config_before: dict
+    config_after: dict
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory) -> FinishedRun:
+    """The run of short_digits_config(), shared by every test that only reads a finished run's files
+    (a test that writes into its workdir works on a copy)."""
+    from slt_jax.train import train_and_evaluate
+
+    config = short_digits_config()
+    workdir = tmp_path_factory.mktemp("short_run")
+    before = config.to_dict()
+    summary = train_and_evaluate(config, str(workdir))
+    return FinishedRun(workdir, summary, before, config.to_dict())
 
 
 def run_default_cli(tmp_path, *args: str) -> dict:

@@ -8,6 +8,7 @@ in-process for what a subprocess cannot show (memory, keys).
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -15,8 +16,6 @@ import zipfile
 
 import numpy as np
 import pytest
-
-from slt_jax.train import train_and_evaluate
 
 from conftest import ROOT
 
@@ -178,16 +177,11 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def good_run(tmp_path_factory):
-    """A finished run whose files must survive every failed rerun in the same workdir."""
-    from configs import default
-
-    c = default.get_config()
-    c.num_epochs, c.num_steps, c.log_every, c.eval_every, c.checkpoint_every = 0, 20, 10, 20, 0
-    c.progress = c.plots = False
-    c.num_devices = 1
-    workdir = tmp_path_factory.mktemp("good")
-    train_and_evaluate(c, str(workdir))
+def good_run(short_run, tmp_path_factory):
+    """A finished run (a copy of the shared short_run) whose files must survive every failed rerun in
+    the same workdir."""
+    workdir = tmp_path_factory.mktemp("good") / "run"
+    shutil.copytree(short_run.workdir, workdir)
     return workdir, {name: (workdir / name).read_bytes() for name in GOOD_FILES}
 
 

@@ -31,9 +31,14 @@ def _structured_masks(params, closed_layer=None, seed=0):
     return masks
 
 
+def _jit_init(module, x, **kwargs):
+    """``module.init(...)["params"]`` jitted: one compile instead of one per eager op."""
+    return jax.jit(lambda key: module.init(key, x, **kwargs))(jax.random.key(0))["params"]
+
+
 def _zoo_ticket(tmp_path, name, closed_layer, use_bias=True, shape=(8, 8, 1)):
     spec = {"name": name, "num_classes": 10, "width": 0.25, "use_bias": use_bias}
-    params = create_model(spec).init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)["params"]
+    params = _jit_init(create_model(spec), jnp.zeros((1, *shape)), train=False)
     path = str(tmp_path / "ticket")
     save_ticket(path, {"model": spec, "input_shape": list(shape), "seed": 1, "structured": True},
                 _structured_masks(params, closed_layer), method="crbg")
@@ -42,8 +47,9 @@ def _zoo_ticket(tmp_path, name, closed_layer, use_bias=True, shape=(8, 8, 1)):
 
 def _check_compact(ticket, x):
     module, variables = compact_ticket(ticket)
-    masked = ticket.model.apply({"params": ticket.masked_params(), **ticket.model_state()}, x,
-                                **ticket.meta.get("init_kwargs", {"train": False} if "model" in ticket.meta else {}))
+    kwargs = ticket.meta.get("init_kwargs", {"train": False} if "model" in ticket.meta else {})
+    masked = jax.jit(lambda variables: ticket.model.apply(variables, x, **kwargs))(
+        {"params": ticket.masked_params(), **ticket.model_state()})
     compact = jax.jit(module.apply)(variables, x)
     scale = max(float(np.abs(masked).max()), 1.0)
     np.testing.assert_allclose(compact, masked, rtol=1e-5, atol=1e-5 * scale)
@@ -110,7 +116,7 @@ class NestedMLP(nn.Module):
 
 
 def _user_ticket(tmp_path, module, closed_layer=None, seed=0, structured_inputs=""):
-    params = module.init(jax.random.key(0), X_DIGITS[:1])["params"]
+    params = _jit_init(module, X_DIGITS[:1])
     r = np.random.default_rng(seed)
     shapes = masking.gate_shapes(params, structured=True, structured_inputs=structured_inputs)
     masks = jax.tree.map(lambda s: r.random(s.shape) < 0.6, shapes)

@@ -21,6 +21,8 @@ from slt_jax.run_config import model_spec
 from slt_jax.ticket import FORMAT_VERSION, ZOO_INIT_KWARGS
 from slt_jax.train import train_and_evaluate
 
+from conftest import short_digits_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERIFY_TICKET = os.path.join(ROOT, "tests", "independent_verifier.py")
 SPEC = {"name": "digits_mlp", "num_classes": 10, "weight_init": "signed_kaiming", "init_scale": None,
@@ -90,14 +92,9 @@ def test_mask_contract_and_masked_params(structured, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A short CRBG run on digits (tiny_config from conftest.py, shorter) and its validation split."""
-    c = default.get_config()
-    c.update(num_epochs=0, num_steps=20, batch_size=64, log_every=10, eval_every=20, checkpoint_every=0,
-             num_devices=1, progress=False, plots=False)
-    workdir = tmp_path_factory.mktemp("run")
-    summary = train_and_evaluate(c, str(workdir))
-    return summary, str(workdir / "ticket"), load_dataset(c)
+def trained(short_run):
+    """The shared short CRBG run on digits (conftest.py's short_run) and its validation split."""
+    return short_run.summary, str(short_run.workdir / "ticket"), load_dataset(short_digits_config())
 
 
 def test_predict_on_raw_images_reproduces_the_harness_accuracy(trained):
@@ -127,7 +124,7 @@ def test_independent_verifier_agrees_with_the_summary(trained, tmp_path):
 TRAINING_STACK = ("orbax", "orbax.checkpoint", "tqdm", "slt_jax.train", "slt_jax.checkpoint", "tensorflow", "sklearn")
 
 
-def test_a_ticket_loads_and_predicts_without_the_training_stack(trained):
+def test_a_ticket_loads_and_predicts_without_the_training_stack(trained, tmp_path):
     _, path, dataset = trained
     code = (
         "import sys, json, numpy as np, slt_jax\n"
@@ -136,7 +133,7 @@ def test_a_ticket_loads_and_predicts_without_the_training_stack(trained):
         f"print(json.dumps({{'loaded': sorted(m for m in {TRAINING_STACK!r} if m in sys.modules),"
         " 'pred': pred.tolist()}))\n"
     )
-    images = os.path.join(os.path.dirname(path), "val_images.npy")
+    images = str(tmp_path / "val_images.npy")
     np.save(images, dataset.x_val[:50])
     out = subprocess.run([sys.executable, "-c", code, images], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -16,14 +16,7 @@ from slt_jax.run_config import model_spec
 from slt_jax.ticket import ZOO_INIT_KWARGS
 from slt_jax.train import Run, train_and_evaluate
 
-
-def _short_config(**overrides):
-    """tiny_config (see conftest.py), shorter: module-scoped fixtures cannot take a per-test fixture."""
-    c = default.get_config()
-    c.update(num_epochs=0, num_steps=20, batch_size=64, log_every=10, eval_every=20, checkpoint_every=0,
-             num_devices=1, progress=False, plots=False)
-    c.update(overrides)
-    return c
+from conftest import short_digits_config
 
 
 def _init_params(spec, input_shape, seed):
@@ -47,7 +40,7 @@ def _train(run, steps):
 @pytest.mark.parametrize("method", ["crbg", "edgepopup", "supermask", "iterand"])
 def test_frozen_weights_are_bit_identical_and_only_gates_have_optimiser_state(method, tmp_path):
     # Structured gates have a shape no weight has, so a weight-shaped leaf in the state is easy to spot.
-    config = _short_config(method=method, structured=method == "crbg", use_bias=True)
+    config = short_digits_config(method=method, structured=method == "crbg", use_bias=True)
     run = Run(config, str(tmp_path))
     initial = _init_params(run.spec, run.dataset.input_shape, config.seed)
     state = _train(run, 10)
@@ -70,15 +63,16 @@ def test_frozen_weights_are_bit_identical_and_only_gates_have_optimiser_state(me
 
 
 @pytest.fixture(scope="module")
-def tickets(tmp_path_factory):
-    """Three short CRBG runs on digits: seed 0 twice, seed 1 once (that one counted in epochs, with
-    warm-up and the method's default learning rate, so the harness has steps to resolve).
-    Each entry: (summary, ticket, config.to_dict() before the run, after it)."""
-    out = {}
-    for label, overrides in (("a", {"seed": 0}), ("b", {"seed": 0}),
+def tickets(short_run, tmp_path_factory):
+    """Three short CRBG runs on digits: seed 0 twice (the shared short_run and one more), seed 1
+    once (that one counted in epochs, with warm-up and the method's default learning rate, so the
+    harness has steps to resolve). Each entry: (summary, ticket, config.to_dict() before the run, after it)."""
+    out = {"a": (short_run.summary, load_ticket(f"{short_run.workdir}/ticket"), short_run.config_before,
+                 short_run.config_after)}
+    for label, overrides in (("b", {"seed": 0}),
                              ("c", {"seed": 1, "num_steps": 0, "num_epochs": 1, "warmup_epochs": 0.2})):
         workdir = str(tmp_path_factory.mktemp(f"run_{label}"))
-        config = _short_config(**overrides)
+        config = short_digits_config(**overrides)
         before = config.to_dict()
         summary = train_and_evaluate(config, workdir)
         out[label] = (summary, load_ticket(f"{workdir}/ticket"), before, config.to_dict())
@@ -103,7 +97,7 @@ def test_same_seed_same_ticket_different_seed_different_ticket(tickets):
 
 def test_ticket_uses_only_initial_weights_or_zeros(tickets):
     summary, ticket, *_ = tickets["a"]
-    config = _short_config()
+    config = short_digits_config()
     fresh = masking.named_leaves(_init_params(model_spec(config, 10), (8, 8, 1), config.seed))
     frozen = masking.named_leaves(ticket.frozen_params())
     masked = masking.named_leaves(ticket.masked_params())

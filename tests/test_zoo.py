@@ -167,9 +167,14 @@ def test_every_gate_open_is_the_plain_model(model, shape, width):
     assert not np.array_equal(gated(closed), plain)
 
 
+def _shapes(spec, shape):
+    """The model's params as shapes only (``jax.eval_shape``): what gating needs, without a compile."""
+    net = create_model(spec)
+    return jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))["params"]
+
+
 def test_attention_kernels_get_one_structured_gate_per_head():
-    _, variables = _init({"name": "vit_tiny", "num_classes": 10, "width": 0.25}, (16, 16, 3))
-    params = variables["params"]
+    params = _shapes({"name": "vit_tiny", "num_classes": 10, "width": 0.25}, (16, 16, 3))
     shapes = {k: s.shape for k, s in masking.named_leaves(masking.gate_shapes(params, structured=True)).items()}
     leaves = masking.named_leaves(params)
     heads = 3
@@ -183,8 +188,9 @@ def test_attention_kernels_get_one_structured_gate_per_head():
 
 
 def test_closing_a_value_head_zeroes_exactly_that_head_and_its_bias():
-    _, variables = _init({"name": "vit_tiny", "num_classes": 10, "width": 0.25, "use_bias": True}, (16, 16, 3))
-    params = jax.device_get(variables["params"])
+    # Every weight and bias 1 (the zoo's biases start at 0, where a zeroed head would not show).
+    shapes = _shapes({"name": "vit_tiny", "num_classes": 10, "width": 0.25, "use_bias": True}, (16, 16, 3))
+    params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
     masks = jax.tree.map(lambda s: np.ones(s.shape, bool), masking.gate_shapes(params, structured=True))
     by_name = masking.named_leaves(masks)  # the same arrays, by name
     by_name["block_0/attention/value/kernel"][0, 1, 0] = False
