@@ -370,3 +370,25 @@ def test_straight_through_gaussian_samples_as_gaussian_and_passes_the_gradient_t
     assert (grad_plain[clipped] == 0).all() and (grad_st == 1).all()
     np.testing.assert_array_equal(st.prob_open(mu, 0.5), plain.prob_open(mu, 0.5))
     np.testing.assert_array_equal(st.test_gate(mu), plain.test_gate(mu))
+
+
+def test_hard_gaussian_samples_the_thresholded_draw_and_passes_the_gradient_straight_through():
+    mu = jnp.linspace(-1.0, 2.0, 101)
+    key = jax.random.PRNGKey(4)
+    plain, hard = gates.get_family("gaussian"), gates.get_family("gaussian_hard")
+    z = np.asarray(hard.sample(key, mu, 0.5))
+    # The same draw as the clipped gaussian, on the ticket's side of 1/2: binary, unscaled weights.
+    np.testing.assert_array_equal(z, np.asarray(plain.sample(key, mu, 0.5)) > 0.5)
+    assert (z == 0).any() and (z == 1).any()
+    assert (np.asarray(jax.grad(lambda m: jnp.sum(hard.sample(key, m, 0.5)))(mu)) == 1).all()
+    # With the noise gone the training sample is the ticket.
+    tiny = np.asarray(hard.sample(key, mu, 1e-6))
+    np.testing.assert_array_equal(tiny, np.asarray(gates.binary_mask({"g": mu}, family="gaussian_hard")["g"]))
+    np.testing.assert_array_equal(hard.test_gate(mu), plain.test_gate(mu))
+    # P(z > 0) = Phi((mu - 1/2) / sigma), against the sampled frequency.
+    values = jnp.asarray([-0.6, 0.0, 0.4, 0.5, 0.6, 1.2])
+    draws = jax.jit(hard.sample, static_argnums=2)(key, jnp.broadcast_to(values, (NUM_DRAWS, values.size)), 0.5)
+    mc = np.mean(np.asarray(draws) > 0, axis=0)
+    closed = np.asarray([0.5 * (1 + math.erf((float(v) - 0.5) / 0.5 / math.sqrt(2))) for v in values])
+    np.testing.assert_allclose(hard.prob_open(values, 0.5), closed, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_less(np.abs(mc - closed), 5 * np.sqrt(closed * (1 - closed) / NUM_DRAWS) + 1e-3)
