@@ -22,12 +22,13 @@ patch merging pads an odd side by one before concatenating 2x2 neighbours, and w
 pads the normalised map up to a multiple of the window, attends over the padding as zero tokens
 (the shifted-window mask is built on the padded size) and crops it off before the residual. A
 map that tiles runs exactly the operations it ran before padding existed (32x32 and 224x224
-give bit-identical outputs). MNIST's 28x28 keeps the small-input rule, patch 2 and window 4:
+outputs are bit-identical to the unpadded code's). The patch embedding does not pad: pixels past
+the last whole patch are dropped, as before (28, 32 and 224 are multiples of their patch). MNIST's 28x28 keeps the small-input rule, patch 2 and window 4:
 14 (padded to 16 in attention), 7 (padded to 8), 4 (7 merged with a padded row and column) and
 2 tokens a side, shifted windows in the first two stages as at 32x32. Window 7 would tile the
-first two stages without padding, but its stage 1 is one unshifted window, and at width 0.25 its
-training step took 1.5x as long on a 2-core CPU (1,026 against 681 ms at batch 128): attention
-over 49 keys costs more than the padded rows.
+first two stages without padding, but its stage 1 is one unshifted window, and a forward and
+backward pass at width 0.25 and batch 128 took 1.5x as long (1,026 against 681 ms on a busy 2-core
+CPU): attention over 49 keys costs more than the padded rows.
 
 Gating is the same policy as ``slt_jax.models.vit``: every kernel (patch embedding, the
 query/key/value/out projections, with one structured gate per head, MLP, patch-merging reduction,
@@ -188,8 +189,9 @@ class Swin(nn.Module):
             w = min(window, side)
             if x.shape[-1] % heads:
                 raise ValueError(f"Swin width {self.width} gives stage {stage} {x.shape[-1]} channels, not a multiple "
-                                 f"of its {heads} heads; allowed: widths where int({self.embed_dim} * width) * "
-                                 f"2^stage is a multiple of every stage's heads {tuple(self.num_heads)}")
+                                 f"of its {heads} heads; allowed: widths that make every stage's channels "
+                                 f"(int({self.embed_dim} * width) * 2^stage) a multiple of its heads "
+                                 f"{tuple(self.num_heads)}, e.g. 0.25")
             for i in range(depth):
                 shift = w // 2 if i % 2 and side > w else 0
                 x = SwinBlock(heads, w, shift, self.use_bias, self.kernel_init, name=f"stage_{stage}_block_{i}")(x)
