@@ -27,7 +27,8 @@ count / hidden size; depth and layout unchanged):
 * Swin-T x0.25 (stages 24, 48, 96, 192 channels with 3, 6, 12, 24 heads, depths 2, 2, 6, 2;
   patch 2, window 4: 14, 7, 4, 2 tokens a side, 28x28 padded as ``slt_jax.models.swin`` says),
   1 epoch. Added after the six and sized the same way: ~720 ms a step in a 30-step run under
-  load 6-8, ~520 ms in 100-step runs under load 5, so an epoch trains in about 4-5 minutes.
+  load 6-8, ~520 ms in 100-step runs under load 5; the two 1-epoch runs then trained in about 6
+  minutes each (825-852 ms a step, compilation included, under load 6-8).
   The heads must divide every stage's channels: widths with int(96 * width) a multiple of 3
   (x0.125, x0.25, x0.5; not x0.2).
 
