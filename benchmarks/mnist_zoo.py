@@ -1,10 +1,10 @@
-"""The zoo on MNIST: Conv4, ResNet-18 and ViT-Tiny, CRBG against edge-popup at 90% sparsity.
+"""The zoo on MNIST: Conv4, ResNet-18, ViT-Tiny and Swin-T, CRBG against edge-popup at 90% sparsity.
 
     nice -n 5 python benchmarks/mnist_zoo.py                      # MNIST through TFDS (--dataset mnist)
     nice -n 5 python benchmarks/mnist_zoo.py --dataset npz:PATH   # or arrays x_train, y_train
 
-Runs the six ``configs/mnist_zoo.py`` runs one after another, each through the ordinary command
-line (the exact command is recorded with its row)::
+Runs the eight ``configs/mnist_zoo.py`` runs (every model and method) one after another, each
+through the ordinary command line (the exact command is recorded with its row)::
 
     python run.py --config configs/mnist_zoo.py:MODEL,METHOD --config.dataset=DATASET \
         --workdir runs/mnist_zoo/MODEL-METHOD
@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 from configs import mnist_zoo  # noqa: E402
 
 METHOD_NAMES = {"crbg": "CRBG", "edgepopup": "edge-popup"}
-MODEL_NAMES = {"conv4": "Conv4", "resnet18": "ResNet-18", "vit_tiny": "ViT-Tiny"}
+MODEL_NAMES = {"conv4": "Conv4", "resnet18": "ResNet-18", "vit_tiny": "ViT-Tiny", "swin_t": "Swin-T"}
 
 
 def command(model: str, method: str, dataset: str, workdirs: str) -> list[str]:

@@ -205,6 +205,9 @@ def _first_empty_value(jaxpr) -> tuple[int, ...] | None:
     return None
 
 
+EMPTY_ARRAY = "it computes an empty array"  # _model_problem's words for a layer left with no units
+
+
 def _model_problem(model, input_shape: tuple[int, ...], init_kwargs: dict[str, Any] | None) -> str | None:
     """None if the model initialises on one image of input_shape with no empty layer, else what goes wrong."""
     dummy = jax.ShapeDtypeStruct((1, *input_shape), jax.numpy.float32)
@@ -214,7 +217,7 @@ def _model_problem(model, input_shape: tuple[int, ...], init_kwargs: dict[str, A
     except (TypeError, ValueError, IndexError, ZeroDivisionError) as e:
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     empty = _first_empty_value(jaxpr.jaxpr)
-    return None if empty is None else f"it computes an empty array of shape {empty}"
+    return None if empty is None else f"{EMPTY_ARRAY} of shape {empty}"
 
 
 def check_model_memory(model, spec: dict[str, Any], input_shape: tuple[int, ...],
@@ -251,7 +254,10 @@ def check_model_fits(model, spec: dict[str, Any], input_shape: tuple[int, ...],
         raise ConfigError(f"model {name} needs larger inputs than {dims} ({problem}); allowed: images of "
                           f"{larger}x{larger} or larger, or a model with less downsampling")
     if width < 1.0 and _model_problem(create_model({**spec, "width": 1.0}), input_shape, init_kwargs) is None:
-        raise ConfigError(f"width={width} leaves model {name} a layer with no units ({problem}); allowed: a width "
-                          "at which every layer keeps at least one unit")
+        if problem.startswith(EMPTY_ARRAY):
+            raise ConfigError(f"width={width} leaves model {name} a layer with no units ({problem}); allowed: a width "
+                              "at which every layer keeps at least one unit")
+        # The model refused the width itself (Swin: channels its heads do not divide); its message says why.
+        raise ConfigError(f"width={width} does not fit model {name} ({problem}); allowed: a width the model accepts")
     raise ConfigError(f"model {name} with width={width} cannot run on {dims} inputs ({problem}); allowed: larger "
                       "inputs, a larger width, or another model")

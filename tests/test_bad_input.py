@@ -146,6 +146,8 @@ CASES = {
     # The model against the data's images, before any weight is drawn.
     "width_zero": (["--config.width=0"], ["width=0", "allowed: a number in (0.0, inf)"]),
     "width_leaves_no_units": (["--config.width=0.001"], ["width=0.001", "no units", "allowed"]),
+    "width_splits_no_head": (["--config.model=swin_t", "--config.width=0.2"],
+                             ["width=0.2 does not fit model swin_t", "not a multiple of its 3 heads", "allowed"]),
     "conv8_on_8x8_digits": (["--config.model=conv8"],
                             ["model conv8 needs larger inputs than 8x8x1", "allowed: images of 16x16 or larger"]),
     "synthetic_shape_zero": (["--config.dataset=synthetic", "--config.synthetic_shape=(0,0,1)"],

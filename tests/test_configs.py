@@ -2,11 +2,15 @@
 import importlib
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from benchmarks import lenet_structured
+from benchmarks import lenet_structured, mnist_zoo as zoo_benchmark
+from configs import mnist_zoo
 from slt_jax.data import TFDS_NAMES
-from slt_jax.run_config import validate_config
+from slt_jax.models import create_model
+from slt_jax.run_config import model_spec, validate_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 DATASETS = ("digits", "synthetic", *TFDS_NAMES)
@@ -22,6 +26,19 @@ def test_config_validates(name):
 def test_config_names_its_dataset_not_a_file_a_clone_lacks(name):
     dataset = importlib.import_module(f"configs.{name}").get_config().dataset
     assert dataset in DATASETS, f"configs/{name}.py: dataset={dataset!r}; allowed: a name of {DATASETS}"
+
+
+@pytest.mark.parametrize("arg", [f"{m},{k}" for m in mnist_zoo.MODELS for k in mnist_zoo.METHODS])
+def test_every_mnist_zoo_cell_validates_and_builds_on_mnist(arg):
+    """Each MODEL,METHOD validates and its model, at the config's width, maps 28x28x1 images to 10
+    logits (abstractly: a width the model rejects fails here, not minutes into a benchmark)."""
+    c = mnist_zoo.get_config(arg)
+    validate_config(c)
+    net = create_model(model_spec(c, 10))
+    x = jnp.zeros((2, 28, 28, 1))
+    variables = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), x, train=False))
+    assert jax.eval_shape(lambda v: net.apply(v, x, train=False), variables).shape == (2, 10)
+    assert c.model in zoo_benchmark.MODEL_NAMES
 
 
 def test_structured_lenet_config_is_the_benchmarks_winning_recipe():

@@ -15,7 +15,20 @@ side). For inputs up to 64 pixels a side (CIFAR), patch 2 and window 4 (32x32: 1
 a side), the usual CIFAR adaptation: patch 4 would leave 8x8 tokens and a 1x1 last stage. In
 every stage the window shrinks to the feature map when the map is smaller, and a stage whose map
 fits in one window does not shift (as in the reference code). ``patch_size`` / ``window_size``
-override the choice; each stage's side must be a multiple of its window.
+override the choice.
+
+Sides that do not tile are padded as the reference code does (zeros at the bottom and right):
+patch merging pads an odd side by one before concatenating 2x2 neighbours, and window attention
+pads the normalised map up to a multiple of the window, attends over the padding as zero tokens
+(the shifted-window mask is built on the padded size) and crops it off before the residual. A
+map that tiles runs exactly the operations it ran before padding existed (32x32 and 224x224
+outputs are bit-identical to the unpadded code's). The patch embedding does not pad: pixels past
+the last whole patch are dropped, as before (28, 32 and 224 are multiples of their patch). MNIST's 28x28 keeps the small-input rule, patch 2 and window 4:
+14 (padded to 16 in attention), 7 (padded to 8), 4 (7 merged with a padded row and column) and
+2 tokens a side, shifted windows in the first two stages as at 32x32. Window 7 would tile the
+first two stages without padding, but its stage 1 is one unshifted window, and a forward and
+backward pass at width 0.25 and batch 128 took 1.5x as long (1,026 against 681 ms on a busy 2-core
+CPU): attention over 49 keys costs more than the padded rows.
 
 Gating is the same policy as ``slt_jax.models.vit``: every kernel (patch embedding, the
 query/key/value/out projections, with one structured gate per head, MLP, patch-merging reduction,
@@ -34,6 +47,16 @@ import numpy as np
 
 EMBED_INIT = nn.initializers.normal(stddev=0.02)
 MASKED = -100.0  # added to attention logits across shifted-window region borders, as the reference
+
+
+def pad_to_multiple(x: jax.Array, m: int) -> jax.Array:
+    """(B, H, W, C) with zero rows at the bottom and zero columns at the right up to sides that are
+    multiples of ``m`` (the reference's ``F.pad``); ``x`` itself when they already are, so a map that
+    tiles exactly runs the same operations as it did before padding existed."""
+    pad_h, pad_w = -x.shape[1] % m, -x.shape[2] % m
+    if not (pad_h or pad_w):
+        return x
+    return jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
 
 
 def _windows(x: jax.Array, w: int) -> jax.Array:
@@ -105,28 +128,33 @@ class SwinBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, wd, c = x.shape
-        y = nn.LayerNorm(use_scale=False, use_bias=False)(x)
+        # Padded after the norm, as the reference: the padding is real zero tokens that the attention
+        # sees (keys, values and their position biases), cropped off again before the residual.
+        y = pad_to_multiple(nn.LayerNorm(use_scale=False, use_bias=False)(x), self.window)
+        hp, wp = y.shape[1:3]
         if self.shift:
             y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
-        mask = shifted_window_mask(h, wd, self.window, self.shift) if self.shift else None
+        mask = shifted_window_mask(hp, wp, self.window, self.shift) if self.shift else None
         y = WindowAttention(self.num_heads, self.window, self.use_bias, self.kernel_init,
                             name="attention")(_windows(y, self.window), mask)
-        y = _unwindows(y, self.window, h, wd)
+        y = _unwindows(y, self.window, hp, wp)
         if self.shift:
             y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
-        x = x + y
+        x = x + y[:, :h, :wd]
         y = nn.LayerNorm(use_scale=False, use_bias=False)(x)
         y = nn.gelu(nn.Dense(4 * c, use_bias=self.use_bias, kernel_init=self.kernel_init)(y))
         return x + nn.Dense(c, use_bias=self.use_bias, kernel_init=self.kernel_init)(y)
 
 
 class PatchMerging(nn.Module):
-    """2x2 neighbours concatenated (4C), normalised, reduced to 2C: half the side, twice the channels."""
+    """2x2 neighbours concatenated (4C), normalised, reduced to 2C: half the side (rounded up: an odd
+    side first gets a zero row or column at the bottom or right, as the reference), twice the channels."""
 
     kernel_init: Callable[..., Any]
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = pad_to_multiple(x, 2)
         b, h, wd, c = x.shape
         x = x.reshape(b, h // 2, 2, wd // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, wd // 2, 4 * c)
         x = nn.LayerNorm(use_scale=False, use_bias=False)(x)
@@ -159,10 +187,11 @@ class Swin(nn.Module):
                 x = PatchMerging(self.kernel_init, name=f"merge_{stage}")(x)
             side = min(x.shape[1:3])
             w = min(window, side)
-            if x.shape[1] % w or x.shape[2] % w or x.shape[-1] % heads:
-                raise ValueError(f"Swin stage {stage} has a {x.shape[1]}x{x.shape[2]}x{x.shape[3]} feature map: "
-                                 f"allowed: sides that are multiples of the window {w} and channels a multiple of "
-                                 f"{heads} heads (change the input size, patch_size, window_size or width)")
+            if x.shape[-1] % heads:
+                raise ValueError(f"Swin width {self.width} gives stage {stage} {x.shape[-1]} channels, not a multiple "
+                                 f"of its {heads} heads; allowed: widths that make every stage's channels "
+                                 f"(int({self.embed_dim} * width) * 2^stage) a multiple of its heads "
+                                 f"{tuple(self.num_heads)}, e.g. 0.25")
             for i in range(depth):
                 shift = w // 2 if i % 2 and side > w else 0
                 x = SwinBlock(heads, w, shift, self.use_bias, self.kernel_init, name=f"stage_{stage}_block_{i}")(x)
