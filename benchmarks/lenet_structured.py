@@ -3,6 +3,8 @@
     python benchmarks/lenet_structured.py --recipes units,pixels_units --targets 0.8 --seeds 0
     python benchmarks/lenet_structured.py --recipes all --targets 0.8 --seeds 0 --num_epochs 10
     python benchmarks/lenet_structured.py --recipes pixels_units_wide_lr0.02 --seeds 0,1,2 --num_epochs 20  # the config
+    python benchmarks/lenet_structured.py --recipes pixels_units_lr0.02_leaky0.5_shift --targets 0.77 --seeds 0,1,2 \
+        --num_epochs 20  # LeNet's own width, a leaky ReLU (the authors' "PreReLU", as we read it)
 
 A recipe is configs/mnist_lenet300_crbg.py with ``structured=True`` and some keys changed (``RECIPES``;
 ``pixels_units_wide_lr0.02`` at 20 epochs is configs/mnist_lenet300_crbg_structured.py); every
@@ -71,7 +73,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     **{f"pixels_units{w}_lr0.02_leaky{slope}{land}": {**PIXELS_UNITS, **init, "learning_rate": 0.02,
                                                       "activation": "leaky_relu", "negative_slope": slope, **landing}
        for w, init in (("", {}), ("_uniform", {"weight_init": "uniform"}))
-       for slope in (0.25, 0.1) for land, landing in (("", {}), ("_shift", SHIFT))},
+       for slope in (0.25, 0.1, 0.5, 0.75) for land, landing in (("", {}), ("_shift", SHIFT))},
+    "pixels_units_lr0.01_leaky0.5_shift": {**PIXELS_UNITS, "learning_rate": 0.01, "activation": "leaky_relu",
+                                           "negative_slope": 0.5, **SHIFT},
+    **{f"pixels_units_lr0.02_leaky0.5_shift_logit{scale}": {**PIXELS_UNITS, "learning_rate": 0.02,
+                                                           "activation": "leaky_relu", "negative_slope": 0.5,
+                                                           "logit_scale": scale, **SHIFT} for scale in (2.5, 10.0)},
 }
 
 
