@@ -32,6 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_scale = ml_collections.config_dict.placeholder(float)  # only for weight_init="uniform"
     c.use_bias = False
     c.width = 1.0
+    # The MLPs' hidden nonlinearity: "relu", or "leaky_relu" with a fixed (never trained) negative_slope
+    # (None: 0.25, PReLU's usual initial value), our reading of the structured CRBG authors' "PreReLU"
+    # (slt_jax.models.mlp). Other models: "relu" only.
+    c.activation = "relu"
+    c.negative_slope = ml_collections.config_dict.placeholder(float)  # only for activation="leaky_relu"
     # How the step holds the frozen weights (memory, not results). "bfloat16" halves their bytes; the
     # ticket is then defined on the bf16-rounded weights and records it. regenerate_frozen=True keeps
     # only the seed and re-runs the initialisers inside every step: same ticket, no weight buffer.

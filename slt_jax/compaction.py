@@ -7,9 +7,10 @@ a constant folded into the next layer, so the compact model computes the masked 
 (up to float summation order) with fewer multiply-accumulates. The classifier's outputs are never
 deleted: a closed class unit keeps a zero column.
 
-MLPs and ConvNets: a closed unit outputs relu(0) = 0 and is deleted; so is a unit whose every
-outgoing weight is closed (an input gate on the next layer), and an MLP's input feature that no
-kept weight reads (input gates on the first layer: the compact model selects the kept pixels).
+MLPs and ConvNets: a closed unit outputs relu(0) = 0 (an MLP's leaky_relu(0) = 0 too) and is
+deleted; so is a unit whose every outgoing weight is closed (an input gate on the next layer), and
+an MLP's input feature that no kept weight reads (input gates on the first layer: the compact model
+selects the kept pixels).
 
 ResNets (BasicBlock: ``resnet18``, ``resnet18_imagenet``), with non-affine BatchNorm applied with
 its running statistics: a closed channel's conv output 0 becomes the constant
@@ -207,7 +208,8 @@ def _compact_feedforward(spec: dict[str, Any], params: dict[str, Any],
         module = ConvNet(tuple(int(new[c]["kernel"].shape[-1]) for c in convs), spec["num_classes"],
                          dense=hidden, use_bias=use_bias, kernel_init=PLACEHOLDER_INIT)
         return module, {"params": new}
-    module = MLP(hidden, spec["num_classes"], use_bias=use_bias, kernel_init=PLACEHOLDER_INIT)
+    module = MLP(hidden, spec["num_classes"], use_bias=use_bias, kernel_init=PLACEHOLDER_INIT,
+                 activation=spec.get("activation", "relu"), negative_slope=spec.get("negative_slope"))
     if keeps[0].all():
         return module, {"params": new}
     features = tuple(int(i) for i in np.flatnonzero(keeps[0]))

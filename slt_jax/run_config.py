@@ -23,14 +23,18 @@ from slt_jax.data import dataset_problem
 from slt_jax.frozen import FROZEN_DTYPES
 from slt_jax.methods import METHODS
 from slt_jax.methods.schedules import SCHEDULES
-from slt_jax.models import MODELS, create_model
+from slt_jax.models import ACTIVATION_MODELS, MODELS, create_model
 from slt_jax.models.inits import WEIGHT_INITS
+from slt_jax.models.mlp import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE
 from slt_jax.ticket import MASK_CODINGS
 
 # Keys that do not change the training state a checkpoint holds: a resumed run may change them freely
 # (bn_recalibration_batches acts after the last step, on the ticket's statistics).
 NON_SEMANTIC_KEYS = ("eval_every", "log_every", "checkpoint_every", "num_devices", "progress", "eval_batch_size",
                      "plots", "distributed", "ticket_coding", "regenerate_frozen", "bn_recalibration_batches")
+
+# Semantic keys added after runs were fingerprinted, and the value every earlier run had.
+LATER_DEFAULTS = {"activation": "relu", "negative_slope": None}
 
 
 class ConfigError(ValueError):
@@ -106,6 +110,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "init_scale": _optional(_number(0.0, lo_open=True)),
     "use_bias": _bool,
     "width": _number(0.0, lo_open=True),
+    "activation": _one_of(ACTIVATIONS),
+    "negative_slope": _optional(_number(0.0, 1.0, hi_open=True)),
     "frozen_dtype": _one_of(FROZEN_DTYPES),
     "regenerate_frozen": _bool,
     "frozen_from": _string,
@@ -154,6 +160,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.structured_inputs and not config.structured:
         raise ConfigError(f"structured_inputs={config.structured_inputs!r} with structured=False; allowed: "
                           "structured_inputs='' or structured=True")
+    if config.activation != "relu" and config.model not in ACTIVATION_MODELS:
+        raise ConfigError(f"activation={config.activation!r} with model={config.model}; allowed: activation='relu', "
+                          f"or model in {', '.join(ACTIVATION_MODELS)}")
+    if config.negative_slope is not None and config.activation != "leaky_relu":
+        raise ConfigError(f"negative_slope={config.negative_slope!r} with activation={config.activation!r}; allowed: "
+                          "negative_slope=None, or activation='leaky_relu'")
     if config.frozen_from and config.regenerate_frozen:
         raise ConfigError("regenerate_frozen=True with frozen_from; allowed: one of them (a params file cannot "
                           "be regenerated from a seed)")
@@ -168,9 +180,12 @@ def _validate_method(name: str, sub: ml_collections.ConfigDict) -> None:
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config keys that shape the training state; checkpoints from another fingerprint are refused."""
+    """The config keys that shape the training state; checkpoints from another fingerprint are refused.
+    A key of ``LATER_DEFAULTS`` at its default is left out, so runs made before it existed keep their
+    fingerprint (their checkpoints resume, their default workdir is the same)."""
     d = json.loads(config.to_json())
-    out = {k: v for k, v in sorted(d.items()) if k not in NON_SEMANTIC_KEYS}
+    out = {k: v for k, v in sorted(d.items()) if k not in NON_SEMANTIC_KEYS
+           and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     # The training noise's PRNG decides the checkpointed key's shape and every mask drawn from it.
     out["prng_impl"] = str(jax.config.jax_default_prng_impl)
     return out
@@ -183,9 +198,14 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 
 
 def model_spec(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
-    """The JSON-able zoo spec a ticket records (``slt_jax.models.create_model``)."""
+    """The JSON-able zoo spec a ticket records (``slt_jax.models.create_model``); a leaky_relu's slope
+    is recorded resolved (None: 0.25)."""
+    slope = config.negative_slope
+    if config.activation == "leaky_relu" and slope is None:
+        slope = DEFAULT_NEGATIVE_SLOPE
     return {"name": config.model, "num_classes": num_classes, "weight_init": config.weight_init,
-            "init_scale": config.init_scale, "use_bias": config.use_bias, "width": config.width}
+            "init_scale": config.init_scale, "use_bias": config.use_bias, "width": config.width,
+            "activation": config.activation, "negative_slope": slope}
 
 
 def _first_empty_value(jaxpr) -> tuple[int, ...] | None:

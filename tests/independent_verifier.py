@@ -17,7 +17,9 @@ Written apart from ``slt_jax``'s own apply path, so that a bug there cannot vouc
   ``Ticket.predict`` or ``model.apply``.
 
 Supported models (the zoo's networks without running statistics): the MLPs ``digits_mlp`` and
-``lenet300`` (flatten, Dense + ReLU per hidden layer, Dense classifier) and the ConvNets ``conv2``,
+``lenet300`` (flatten, Dense + ReLU per hidden layer, Dense classifier; or the leaky ReLU
+max(v, 0) + slope * min(v, 0) where the model spec records ``"activation": "leaky_relu"`` and its
+``negative_slope``; no ``activation`` recorded: ReLU) and the ConvNets ``conv2``,
 ``conv4``, ``conv6``, ``conv8`` (3x3 convolutions, padding 1, ReLU, a 2x2 max-pool after every
 second one, then Dense + ReLU layers and the classifier), any width, with or without biases,
 unstructured or structured masks. Any other model is refused in one line.
@@ -61,6 +63,7 @@ def verify(ticket_dir: str, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     name = (meta.get("model") or {}).get("name")
     if name not in SUPPORTED:
         raise VerificationError(f"model {name!r} is not supported by this verifier; supported: {', '.join(SUPPORTED)}")
+    _, slope = _activation(meta.get("model") or {})
     if ticket.model_state():
         raise VerificationError(f"model {name!r} has running statistics ({', '.join(ticket.model_state())}), "
                                 "which this verifier's forward pass does not apply")
@@ -97,9 +100,28 @@ def verify(ticket_dir: str, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         raise VerificationError(f"the images are {list(inputs.shape[1:])} after preprocessing, the ticket's input "
                                 f"shape is {meta['input_shape']}")
     weights = {leaf: np.asarray(w, np.float64) for leaf, w in ours.items()}
-    pred = np.concatenate([np.argmax(_forward(name, weights, inputs[i:i + CHUNK]), -1)
+    pred = np.concatenate([np.argmax(_forward(name, weights, inputs[i:i + CHUNK], slope), -1)
                            for i in range(0, len(inputs), CHUNK)])
     return {"accuracy": float(np.mean(pred == np.asarray(y))), "sparsity": 1 - kept / total, "gated_weights": total}
+
+
+def _activation(spec: dict[str, Any]) -> tuple[str, float]:
+    """The hidden nonlinearity the spec records and its negative slope (0 for ReLU); a spec without
+    one (a ticket from before the key) is ReLU. Anything else is refused."""
+    activation = spec.get("activation", "relu")
+    if activation == "relu":
+        return activation, 0.0
+    if activation != "leaky_relu":
+        raise VerificationError(f"activation {activation!r} is not supported by this verifier; supported: relu, "
+                                "leaky_relu")
+    if spec.get("name") not in MLPS:
+        raise VerificationError(f"activation {activation!r} on model {spec.get('name')!r}; this verifier applies "
+                                f"it to the MLPs only ({', '.join(MLPS)})")
+    slope = spec.get("negative_slope")
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not 0 <= slope < 1:
+        raise VerificationError(f"leaky_relu with negative_slope {slope!r}; this verifier needs the slope recorded, "
+                                "a number in [0, 1)")
+    return activation, float(slope)
 
 
 def _named(tree: Any) -> dict[str, Any]:
@@ -201,8 +223,9 @@ def _layers(weights: dict[str, np.ndarray], kind: str) -> list[tuple[np.ndarray,
     return [(weights[f"{kind}_{i}/kernel"], weights.get(f"{kind}_{i}/bias")) for i in indices]
 
 
-def _forward(name: str, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    """Logits of the zoo's MLP or ConvNet on NHWC inputs ``x``, in float64."""
+def _forward(name: str, weights: dict[str, np.ndarray], x: np.ndarray, slope: float = 0.0) -> np.ndarray:
+    """Logits of the zoo's MLP or ConvNet on NHWC inputs ``x``, in float64; ``slope``: the MLP's
+    hidden layers' negative slope (0: ReLU)."""
     known = {f"{kind}_{i}/{leaf}" for kind in ("Conv", "Dense") for i in range(len(weights))
              for leaf in ("kernel", "bias")}
     if not set(weights) <= known:
@@ -221,7 +244,7 @@ def _forward(name: str, weights: dict[str, np.ndarray], x: np.ndarray) -> np.nda
     for i, (kernel, bias) in enumerate(dense):
         h = h @ kernel + (0 if bias is None else bias)
         if i < len(dense) - 1:
-            h = np.maximum(h, 0)
+            h = np.maximum(h, 0) + slope * np.minimum(h, 0)
     return h
 
 

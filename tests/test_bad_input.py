@@ -115,6 +115,7 @@ CASES = {
     "bad_edgepopup_scope": (["--config.method=edgepopup", "--config.edgepopup.scope=planet"],
                             ["planet", "allowed", "layer"]),
     "bad_weight_init": (["--config.weight_init=zeros"], ["zeros", "allowed", "signed_kaiming"]),
+    "bad_activation": (["--config.activation=prelu"], ["activation='prelu'", "allowed: relu, leaky_relu"]),
     "bad_lr_schedule": (["--config.lr_schedule=sawtooth"], ["sawtooth", "allowed", "constant"]),
     "gate_policy_matches_nothing": (["--config.gate_policy=^Conv_9/"], ["^Conv_9/", "matches no parameter"]),
     "structured_policy_not_a_regex": (["--config.structured=True", "--config.structured_policy=Dense_[0"],

@@ -3,7 +3,11 @@
 ``create_model(spec)`` builds a model from a JSON-able spec (the dict a ticket stores)::
 
     {"name": "lenet300", "num_classes": 10, "weight_init": "signed_kaiming", "init_scale": None,
-     "use_bias": False, "width": 1.0}
+     "use_bias": False, "width": 1.0, "activation": "relu", "negative_slope": None}
+
+``activation`` (``relu``, or ``leaky_relu`` with a fixed ``negative_slope``, None: 0.25;
+``slt_jax.models.mlp``) is the MLPs' only; a spec without it (a ticket saved before it existed)
+means ``relu``, and any other model refuses a value but ``relu``.
 
 Every model is called as ``model.apply(variables, x, train=...)`` on NHWC float images.
 """
@@ -15,7 +19,7 @@ import flax.linen as nn
 
 from slt_jax.models.convnets import ConvNet, conv_channels
 from slt_jax.models.inits import weight_init
-from slt_jax.models.mlp import MLP
+from slt_jax.models.mlp import MLP, activation_fn
 from slt_jax.models.resnet import RESNETS, ResNet
 from slt_jax.models.swin import SWINS, Swin
 from slt_jax.models.vit import VITS, ViT
@@ -23,7 +27,8 @@ from slt_jax.models.vit import VITS, ViT
 
 def _mlp(hidden):
     return lambda spec, kinit: MLP(tuple(int(h * spec.get("width", 1.0)) for h in hidden),
-                                   spec["num_classes"], spec.get("use_bias", False), kinit)
+                                   spec["num_classes"], spec.get("use_bias", False), kinit,
+                                   spec.get("activation", "relu"), spec.get("negative_slope"))
 
 
 def _conv(depth):
@@ -60,6 +65,8 @@ MODELS: dict[str, Callable[[dict[str, Any], Any], nn.Module]] = {
     **{name: _transformer(ViT, arch) for name, arch in VITS.items()},
     **{name: _transformer(Swin, arch) for name, arch in SWINS.items()},
 }
+# The models whose hidden nonlinearity ``activation`` picks; the others are ReLU (or GELU) networks.
+ACTIVATION_MODELS = ("digits_mlp", "lenet300")
 
 
 def create_model(spec: dict[str, Any]) -> nn.Module:
@@ -67,5 +74,10 @@ def create_model(spec: dict[str, Any]) -> nn.Module:
     name = spec["name"]
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
+    activation, slope = spec.get("activation", "relu"), spec.get("negative_slope")
+    activation_fn(activation, slope)  # a bad name or slope: one line naming it and the allowed ones
+    if activation != "relu" and name not in ACTIVATION_MODELS:
+        raise ValueError(f"activation={activation!r} with model {name!r}; allowed: activation='relu', or a model "
+                         f"of {', '.join(ACTIVATION_MODELS)}")
     kinit = weight_init(spec.get("weight_init", "signed_kaiming"), spec.get("init_scale"))
     return MODELS[name](spec, kinit)
