@@ -115,6 +115,13 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
                             "lr0.1": {"learning_rate": 0.1},
                             "cosine": {"lr_schedule": "cosine"},
                             "no_decision": {"crbg.decision_weight": 0.0}}.items()},
+    # The zoo screen's best changes to the default: the noise annealed to sigma 0.05 with the decision
+    # term 100x (the trained network then computes with nearly binary gates), and with straight-through gates.
+    "crbg_shift_anneal_decide": ("crbg", {"crbg.shift_onto_target": True, "crbg.target_ramp": 0.3,
+                                          "crbg.temp_end": 0.05, "crbg.decision_weight": 100.0}),
+    "crbg_st_shift_anneal_decide": ("crbg", {"crbg.family": "gaussian_st", "crbg.shift_onto_target": True,
+                                             "crbg.target_ramp": 0.3, "crbg.temp_end": 0.05,
+                                             "crbg.decision_weight": 100.0}),
 }
 DATASETS = ("mnist", "mnist_shifted", "mnist_rotated", "digits")
 # The models: LeNet-300-100 (the recipe's configs) and the zoo (configs/mnist_zoo.py, its width, loss
