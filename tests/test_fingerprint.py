@@ -28,7 +28,7 @@ from slt_jax.ticket import TicketError
 from slt_jax.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VERIFY_TICKET = os.path.join(ROOT, "..", "shared", "tools", "verify_ticket.py")
+VERIFY_TICKET = os.path.join(ROOT, "tests", "independent_verifier.py")  # the repository's own checker
 # The run every test here shares: the default CRBG digits run, shortened (run.py's flags and the
 # in-process config say the same, so a rerun through run.py resumes it).
 STEPS = 60
