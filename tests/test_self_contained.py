@@ -19,7 +19,8 @@ def outside_paths(line: str, folder: str) -> list[str]:
     """The paths in ``line`` that leave the repository. A relative path leaves it when it does so both
     from the repository root (a command's working directory) and from ``folder``, the file's own
     (a link between docs pages)."""
-    found = [m.group() for m in RELATIVE.finditer(line) if not _inside(ROOT, m.group()) and not _inside(folder, m.group())]
+    found = [m.group() for m in RELATIVE.finditer(line)
+             if not _inside(ROOT, m.group()) and not _inside(folder, m.group())]
     return found + [m.group() for m in JOINED.finditer(line)]
 
 
