@@ -122,9 +122,10 @@ def _gaussian_hard() -> GateFamily:
         s = mu + sigma * threefry.normal(key, mu.shape)
         return s + jax.lax.stop_gradient((s > BINARY_THRESHOLD).astype(s.dtype) - s)
 
-    return dataclasses.replace(
-        _gaussian(), name="gaussian_hard", sample=sample,
-        prob_open=lambda mu, sigma: 0.5 + 0.5 * jax.lax.erf((mu - BINARY_THRESHOLD) / (sigma * np.sqrt(2))))
+    gaussian = _gaussian()
+    return dataclasses.replace(  # z > 0 iff the draw passes 1/2: the clipped gate's P(z > 0) at mu - 1/2
+        gaussian, name="gaussian_hard", sample=sample,
+        prob_open=lambda mu, sigma: gaussian.prob_open(mu - BINARY_THRESHOLD, sigma))
 
 
 def _hard_concrete() -> GateFamily:

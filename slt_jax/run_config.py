@@ -23,9 +23,9 @@ from slt_jax.data import dataset_problem
 from slt_jax.frozen import FROZEN_DTYPES
 from slt_jax.methods import METHODS
 from slt_jax.methods.schedules import SCHEDULES
-from slt_jax.models import ACTIVATION_MODELS, MODELS, create_model
+from slt_jax.models import MODELS, check_activation, create_model
 from slt_jax.models.inits import WEIGHT_INITS
-from slt_jax.models.mlp import ACTIVATIONS, DEFAULT_NEGATIVE_SLOPE
+from slt_jax.models.mlp import ACTIVATIONS, negative_slope_of
 from slt_jax.ticket import MASK_CODINGS
 
 # Keys that do not change the training state a checkpoint holds: a resumed run may change them freely
@@ -160,12 +160,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.structured_inputs and not config.structured:
         raise ConfigError(f"structured_inputs={config.structured_inputs!r} with structured=False; allowed: "
                           "structured_inputs='' or structured=True")
-    if config.activation != "relu" and config.model not in ACTIVATION_MODELS:
-        raise ConfigError(f"activation={config.activation!r} with model={config.model}; allowed: activation='relu', "
-                          f"or model in {', '.join(ACTIVATION_MODELS)}")
-    if config.negative_slope is not None and config.activation != "leaky_relu":
-        raise ConfigError(f"negative_slope={config.negative_slope!r} with activation={config.activation!r}; allowed: "
-                          "negative_slope=None, or activation='leaky_relu'")
+    try:  # the model's own rule (slt_jax.models.check_activation), before anything is built
+        check_activation(config.model, config.activation, config.negative_slope)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if config.frozen_from and config.regenerate_frozen:
         raise ConfigError("regenerate_frozen=True with frozen_from; allowed: one of them (a params file cannot "
                           "be regenerated from a seed)")
@@ -200,9 +198,7 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 def model_spec(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
     """The JSON-able zoo spec a ticket records (``slt_jax.models.create_model``); a leaky_relu's slope
     is recorded resolved (None: 0.25)."""
-    slope = config.negative_slope
-    if config.activation == "leaky_relu" and slope is None:
-        slope = DEFAULT_NEGATIVE_SLOPE
+    slope = negative_slope_of(config.activation, config.negative_slope)
     return {"name": config.model, "num_classes": num_classes, "weight_init": config.weight_init,
             "init_scale": config.init_scale, "use_bias": config.use_bias, "width": config.width,
             "activation": config.activation, "negative_slope": slope}

@@ -4,11 +4,13 @@
 Written apart from ``slt_jax``'s own apply path, so that a bug there cannot vouch for itself:
 
 * the weights are regenerated as the library documents it (``slt_jax.frozen.init_variables``
-  from the seed, under the x64 and Threefry flags the ticket's fingerprint recorded, or the recorded params file, rounded to ``frozen_dtype``; an IteRand ticket's
-  kept weights from their generation's draw; a biprop ticket's, recorded as
-  ``"weights": "binarized"``, sign(w0) times the kept weights' mean magnitude per leaf): they come
-  from JAX's PRNG, so only JAX can draw them. ``Ticket.frozen_params()`` must equal them (exactly;
-  a binarised leaf up to float32 rounding of its mean);
+  from the seed, under the x64 and Threefry flags the ticket's fingerprint recorded
+  (``slt_jax.weights_fingerprint.drawn_under``), or the recorded params file, rounded to
+  ``frozen_dtype``; an IteRand ticket's kept weights from their generation's draw; a biprop
+  ticket's, recorded as ``"weights": "binarized"``, sign(w0) times the kept weights' mean
+  magnitude per leaf): they come from JAX's PRNG, so only JAX can draw them.
+  ``Ticket.frozen_params()`` must equal them (exactly; a binarised leaf up to float32 rounding of
+  its mean);
 * every masked parameter is exactly its frozen value or exactly 0, the mask is binary,
   ``masked_params() == where(mask, frozen, 0)`` on gated leaves and ``frozen`` elsewhere, and the
   mask's gated-weight count and sparsity are those ticket.json recorded (a damaged mask fails);
@@ -34,12 +36,11 @@ A refused or failing ticket: one line on stderr naming what is wrong, exit statu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -133,25 +134,6 @@ def _named(tree: Any) -> dict[str, Any]:
     return {"/".join(str(k.key) for k in path): None if v is None else np.asarray(v) for path, v in flat}
 
 
-@contextlib.contextmanager
-def _recorded_flags(meta: dict[str, Any]) -> Iterator[None]:
-    """The JAX flags that change the draw (x64, partitionable Threefry) set as the ticket recorded
-    them while the weights are drawn, then restored: the seed names the weights under those flags."""
-    import jax
-
-    settings = (meta.get("weights_fingerprint") or {}).get("settings") or {}
-    wanted = {flag: settings[flag] for flag in ("jax_enable_x64", "jax_threefry_partitionable")
-              if settings.get(flag) is not None and hasattr(jax.config, flag)}
-    before = {flag: getattr(jax.config, flag) for flag in wanted}
-    try:
-        for flag, value in wanted.items():
-            jax.config.update(flag, value)
-        yield
-    finally:
-        for flag, value in before.items():
-            jax.config.update(flag, value)
-
-
 def _initial_weights(meta: dict[str, Any], generation: int) -> dict[str, np.ndarray]:
     """The seed's weights of ``generation`` (0: the network itself; j: IteRand's j-th re-draw), or
     the recorded params file's, rounded to the run's frozen_dtype: the library's documented
@@ -161,9 +143,10 @@ def _initial_weights(meta: dict[str, Any], generation: int) -> dict[str, np.ndar
     from slt_jax.frozen import init_variables, load_params_file
     from slt_jax.models import create_model
     from slt_jax.ticket import ZOO_INIT_KWARGS
+    from slt_jax.weights_fingerprint import drawn_under
 
     model = create_model(meta["model"])
-    with _recorded_flags(meta):
+    with drawn_under((meta.get("weights_fingerprint") or {}).get("settings")):  # the flags the seed was drawn under
         params = init_variables(model, tuple(meta["input_shape"]), meta["seed"], ZOO_INIT_KWARGS, generation)["params"]
     source = meta.get("frozen_from")
     if source and generation == 0:

@@ -68,7 +68,7 @@ def test_a_bad_activation_is_refused_in_one_line(spec, message):
     ({"activation": "gelu"}, r"^activation='gelu'; allowed: relu, leaky_relu$"),
     ({"activation": "leaky_relu", "negative_slope": -0.1}, r"^negative_slope=-0.1; allowed: a number in \[0.0, 1.0\)$"),
     ({"negative_slope": 0.1}, r"^negative_slope=0.1 with activation='relu'; allowed"),
-    ({"model": "conv4", "activation": "leaky_relu"}, r"^activation='leaky_relu' with model=conv4; allowed"),
+    ({"model": "conv4", "activation": "leaky_relu"}, r"^activation='leaky_relu' with model 'conv4'; allowed"),
 ])
 def test_a_bad_activation_in_the_config_is_refused(tiny_config, overrides, message):
     tiny_config.update(overrides)

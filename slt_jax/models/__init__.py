@@ -19,7 +19,7 @@ import flax.linen as nn
 
 from slt_jax.models.convnets import ConvNet, conv_channels
 from slt_jax.models.inits import weight_init
-from slt_jax.models.mlp import MLP, activation_fn
+from slt_jax.models.mlp import MLP, negative_slope_of
 from slt_jax.models.resnet import RESNETS, ResNet
 from slt_jax.models.swin import SWINS, Swin
 from slt_jax.models.vit import VITS, ViT
@@ -69,15 +69,20 @@ MODELS: dict[str, Callable[[dict[str, Any], Any], nn.Module]] = {
 ACTIVATION_MODELS = ("digits_mlp", "lenet300")
 
 
+def check_activation(name: str, activation: str, negative_slope: float | None) -> None:
+    """Raises ValueError, in one line naming the value and what is allowed, for an activation or slope
+    no MLP takes, or an activation but ReLU on a model other than the MLPs."""
+    negative_slope_of(activation, negative_slope)
+    if activation != "relu" and name not in ACTIVATION_MODELS:
+        raise ValueError(f"activation={activation!r} with model {name!r}; allowed: activation='relu', or a model "
+                         f"of {', '.join(ACTIVATION_MODELS)}")
+
+
 def create_model(spec: dict[str, Any]) -> nn.Module:
     """The Flax module named ``spec["name"]``, with its weight initialisation."""
     name = spec["name"]
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
-    activation, slope = spec.get("activation", "relu"), spec.get("negative_slope")
-    activation_fn(activation, slope)  # a bad name or slope: one line naming it and the allowed ones
-    if activation != "relu" and name not in ACTIVATION_MODELS:
-        raise ValueError(f"activation={activation!r} with model {name!r}; allowed: activation='relu', or a model "
-                         f"of {', '.join(ACTIVATION_MODELS)}")
+    check_activation(name, spec.get("activation", "relu"), spec.get("negative_slope"))
     kinit = weight_init(spec.get("weight_init", "signed_kaiming"), spec.get("init_scale"))
     return MODELS[name](spec, kinit)

@@ -26,19 +26,26 @@ ACTIVATIONS = ("relu", "leaky_relu")
 DEFAULT_NEGATIVE_SLOPE = 0.25  # PReLU's usual initial value (He et al. 2015), here fixed
 
 
-def activation_fn(name: str, negative_slope: float | None = None) -> Callable[[jax.Array], jax.Array]:
-    """The hidden layers' nonlinearity ``name``; ``negative_slope`` (leaky_relu only; None: 0.25)."""
+def negative_slope_of(name: str, negative_slope: float | None = None) -> float | None:
+    """The slope activation ``name`` computes with: None for relu, leaky_relu's (None: 0.25);
+    a ValueError names a bad activation or slope and what is allowed."""
     if name == "relu":
         if negative_slope is not None:
             raise ValueError(f"negative_slope={negative_slope!r} with activation='relu'; allowed: None, or "
                              "activation='leaky_relu'")
-        return nn.relu
+        return None
     if name == "leaky_relu":
         slope = DEFAULT_NEGATIVE_SLOPE if negative_slope is None else negative_slope
         if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not 0 <= slope < 1:
             raise ValueError(f"negative_slope={slope!r}; allowed: a number in [0, 1)")
-        return lambda x: nn.leaky_relu(x, negative_slope=float(slope))
+        return float(slope)
     raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
+
+
+def activation_fn(name: str, negative_slope: float | None = None) -> Callable[[jax.Array], jax.Array]:
+    """The hidden layers' nonlinearity ``name``; ``negative_slope`` (leaky_relu only; None: 0.25)."""
+    slope = negative_slope_of(name, negative_slope)
+    return nn.relu if slope is None else (lambda x: nn.leaky_relu(x, negative_slope=slope))
 
 
 class MLP(nn.Module):
